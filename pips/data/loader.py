@@ -1,0 +1,99 @@
+"""From grid records to a DataLoader of :class:`Batch` objects: bucketed, augmented, resumable.
+
+Augmentation seeding: the sampler yields :class:`BatchIndices`, a list of indices that carries
+``(seed, epoch, batch_number)``; the dataset's ``__getitems__`` augments the batch with
+``np.random.default_rng([seed, epoch, batch_number])``. A batch's content is thus a pure function
+of the seed, the epoch and its position in the epoch: the same with 0 or 8 workers, and the same
+after resuming mid-epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import numpy as np
+import torch
+
+from pips.data.arc import GridRecord
+from pips.data.augment import GridAugmenter
+from pips.data.batch import collate_grids
+from pips.data.sampler import BucketBatchSampler
+from pips.data.vocab import MAX_GRID_SIZE, VOCAB, Vocabulary
+
+
+class GridBatches(torch.utils.data.Dataset):
+    """Map-style dataset of grids; ``__getitems__`` builds (and augments) a whole batch at once."""
+
+    def __init__(
+        self,
+        grids: Sequence[GridRecord] | Sequence[np.ndarray],
+        augmenter: GridAugmenter | None = None,
+    ) -> None:
+        self.grids = [np.asarray(getattr(item, "grid", item), dtype=np.int64) for item in grids]
+        self.shapes = np.array([grid.shape for grid in self.grids], dtype=np.int64).reshape(-1, 2)
+        self.augmenter = augmenter
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """One grid as stored, [H, W] (never augmented: augmentation is a per-batch draw)."""
+        return self.grids[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[np.ndarray]:
+        """The grids of one batch, augmented with the batch's own seed when there is an augmenter."""
+        grids = [self.grids[index] for index in indices]
+        if self.augmenter is None:
+            return grids
+        rng_key = getattr(indices, "rng_key", None)
+        if rng_key is None:
+            raise TypeError(
+                "GridBatches with an augmenter needs BatchIndices (from BucketBatchSampler) to "
+                f"seed each batch's augmentation; got a plain {type(indices).__name__}"
+            )
+        return self.augmenter(grids, np.random.default_rng(list(rng_key)))
+
+
+def make_dataloader(
+    records: Sequence[GridRecord] | Sequence[np.ndarray],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    eos: bool = True,
+    augmenter: GridAugmenter | None = None,
+    bucket: bool = True,
+    pad_to_max: bool = False,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    vocab: Vocabulary = VOCAB,
+    num_replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding :class:`Batch` objects; its ``batch_sampler`` holds the resume state.
+
+    Training: ``shuffle=True`` and an augmenter. Validation: ``shuffle=False``, no augmenter.
+    ``pad_to_max`` puts every grid on a 30x30 canvas (the unbucketed baseline for benchmarks).
+    """
+    dataset = GridBatches(records, augmenter)
+    batch_sampler = BucketBatchSampler(
+        dataset.shapes,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        bucket=bucket,
+        drop_last=drop_last,
+        num_replicas=num_replicas,
+        rank=rank,
+    )
+    canvas_size = (MAX_GRID_SIZE, MAX_GRID_SIZE) if pad_to_max else None
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=partial(collate_grids, eos=eos, vocab=vocab, canvas_size=canvas_size),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )

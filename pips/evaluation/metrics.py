@@ -1,0 +1,101 @@
+"""Reconstruction and codebook metrics, accumulated over a validation set.
+
+Cell accuracy counts the grid's own colour cells only (never PAD or EOS); a grid is exact when its
+predicted size is right and every cell is right. Perplexity is ``2 ** H`` of the empirical code
+usage (H in bits), per latent slot and over all codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``2 ** entropy_bits`` of the usage distribution(s) in ``counts [..., K]`` -> ``[...]``."""
+    counts = counts.double()
+    probs = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    entropy = -(probs * torch.log2(probs.clamp_min(1e-300))).sum(-1)
+    return entropy.exp2()
+
+
+def predict_grids(cell_logits, height_logits, width_logits, num_colours: int):
+    """Colour predictions [B, L] (argmax over colours only) and sizes [B, 2]."""
+    colours = cell_logits[..., :num_colours].argmax(-1)
+    sizes = torch.stack([height_logits.argmax(-1), width_logits.argmax(-1)], dim=-1) + 1
+    return colours, sizes
+
+
+class ReconstructionMetrics:
+    """Sums over batches: cells right, grids exact, sizes right, code usage per slot."""
+
+    def __init__(self, codebook_size: int):
+        self.codebook_size = codebook_size
+        self.cells_correct = 0
+        self.cells_total = 0
+        self.grids_exact = 0
+        self.sizes_correct = 0
+        self.grids_total = 0
+        self.code_bits_total = 0.0
+        self.usage: torch.Tensor | None = None  # [slots, K]
+
+    def update(
+        self,
+        colours: torch.Tensor,  # [B, L] predicted colours
+        sizes: torch.Tensor,  # [B, 2] predicted sizes
+        targets: torch.Tensor,  # [B, L]
+        grid_mask: torch.Tensor,  # [B, L] True on colour cells
+        shapes: torch.Tensor,  # [B, 2]
+        indices: torch.Tensor | None,  # [B, N] or [B, N, S]
+        latent_padding: torch.Tensor | None,  # [B, N]
+        slotted: bool,  # True when slot n means the same thing in every grid (pooled layout)
+    ) -> None:
+        right = (colours == targets) & grid_mask
+        cells_right_per_grid = right.sum(-1)
+        cells_per_grid = grid_mask.sum(-1)
+        size_right = (sizes == shapes).all(-1)
+        self.cells_correct += int(cells_right_per_grid.sum())
+        self.cells_total += int(cells_per_grid.sum())
+        self.sizes_correct += int(size_right.sum())
+        self.grids_exact += int((size_right & (cells_right_per_grid == cells_per_grid)).sum())
+        self.grids_total += int(targets.shape[0])
+        if indices is None or self.codebook_size < 2:
+            return
+        if indices.dim() == 2:
+            indices = indices.unsqueeze(-1)  # [B, N, S]
+        batch, num_latents, levels = indices.shape
+        keep = torch.ones(batch, num_latents, dtype=torch.bool, device=indices.device)
+        if latent_padding is not None:
+            keep = ~latent_padding
+        self.code_bits_total += float(keep.sum()) * levels * math.log2(self.codebook_size)
+        if slotted:
+            slot_ids = torch.arange(num_latents * levels, device=indices.device).view(
+                1, num_latents, levels
+            )
+        else:
+            slot_ids = torch.arange(levels, device=indices.device).view(1, 1, levels)
+        slot_ids = slot_ids.expand(batch, num_latents, levels)[keep]  # [M, S]
+        codes = indices[keep]  # [M, S]
+        num_slots = num_latents * levels if slotted else levels
+        flat = (slot_ids * self.codebook_size + codes).reshape(-1).cpu()
+        counts = torch.bincount(flat, minlength=num_slots * self.codebook_size)
+        counts = counts.view(num_slots, self.codebook_size)
+        self.usage = counts if self.usage is None else self.usage + counts
+
+    def compute(self) -> dict[str, float]:
+        out = {
+            "cell_accuracy": self.cells_correct / max(self.cells_total, 1),
+            "grid_accuracy": self.grids_exact / max(self.grids_total, 1),
+            "size_accuracy": self.sizes_correct / max(self.grids_total, 1),
+            "bits_per_grid": self.code_bits_total / max(self.grids_total, 1),
+            "grids": float(self.grids_total),
+        }
+        if self.usage is not None:
+            per_slot = perplexity(self.usage.float())
+            out["codebook_perplexity"] = float(per_slot.mean())
+            out["codebook_perplexity_all"] = float(perplexity(self.usage.sum(0).float()))
+            out["codes_used"] = float((self.usage.sum(0) > 0).sum())
+        else:
+            out["codebook_perplexity"] = float("nan")
+        return out

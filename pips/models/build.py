@@ -1,0 +1,44 @@
+"""Build library parts from config through the registries (no if-chains over names elsewhere)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pips.config import QuantizerConfig
+from pips.quantizers import QUANTIZERS, Quantizer
+
+# The constructor arguments each quantizer takes from the config; `dim` is the model width and
+# `num_slots` the number of latent slots (None for the spatial layout).
+QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict[str, Any]]] = {
+    "gumbel": lambda q, dim, num_slots: dict(
+        dim=dim, codebook_size=q.codebook_size, estimator=q.estimator, head=q.head,
+        num_slots=num_slots if q.per_slot_head else None, sampling=q.sampling,
+    ),
+    "fsq": lambda q, dim, num_slots: dict(levels=q.levels, dim=dim),
+    "vq": lambda q, dim, num_slots: dict(
+        dim=dim, codebook_size=q.codebook_size, ema_decay=q.ema_decay,
+        commitment_weight=q.commitment_weight,
+    ),
+    "rvq": lambda q, dim, num_slots: dict(
+        dim=dim, codebook_size=q.codebook_size, num_stages=q.num_stages, ema_decay=q.ema_decay,
+        commitment_weight=q.commitment_weight,
+    ),
+    "gvq": lambda q, dim, num_slots: dict(
+        dim=dim, codebook_size=q.codebook_size, groups=q.groups, ema_decay=q.ema_decay,
+        commitment_weight=q.commitment_weight,
+    ),
+    "lfq": lambda q, dim, num_slots: dict(
+        dim=q.dim or 10, input_dim=dim, entropy_weight=q.entropy_weight,
+        commitment_weight=q.commitment_weight,
+    ),
+    "none": lambda q, dim, num_slots: dict(dim=dim),
+}
+
+
+def build_quantizer(config: QuantizerConfig, dim: int, num_slots: int | None) -> Quantizer:
+    if config.kind not in QUANTIZERS:
+        raise ValueError(
+            f"quantizer {config.kind!r} is not available; available: {', '.join(QUANTIZERS)}"
+        )
+    return QUANTIZERS[config.kind](**QUANTIZER_ARGUMENTS[config.kind](config, dim, num_slots))

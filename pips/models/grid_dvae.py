@@ -1,0 +1,252 @@
+"""The grid discrete VAE: grid cells -> transformer encoder -> latent codes -> decoder -> cells.
+
+Two latent layouts:
+
+- ``pooled``: ``num_latents`` learned queries attend to the encoded grid (LatentPooling), each slot
+  is quantized, and the decoder's cell queries cross-attend to the slot codes. The code string has
+  the same length whatever the grid's size.
+- ``spatial``: one code per ``patch_size x patch_size`` patch of cells (as in VQ-VAE); the decoder
+  is a transformer over the patch codes whose outputs are un-patchified back into cells.
+
+Encoder tokens are cells, or ``p x p`` patches of cells when ``patch_tokens`` is on (``p`` =
+``patch_size``), which cuts attention cost by ``p**4``. Height and width are predicted from the
+codes alone, so a grid can be rebuilt from its code string: first its size, then its cells.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pips.config import ModelConfig
+from pips.data.batch import Batch
+from pips.data.vocab import MAX_GRID_SIZE, VOCAB, Vocabulary
+from pips.models.build import build_quantizer
+from pips.nn.pooling import LatentPooling
+from pips.nn.rope import Rope2D
+from pips.nn.transformer import Block, init_weights
+from pips.quantizers import QuantizerOutput
+
+
+class Encoded(NamedTuple):
+    latents: torch.Tensor  # [B, N, D] continuous encoder outputs, before the quantizer
+    quantizer: QuantizerOutput  # quantized [B, N, D], indices [B, N, ...]
+    latent_positions: torch.Tensor  # [B, N, 2] (row, col) of each latent (patch coords; 0 pooled)
+    latent_padding: torch.Tensor  # [B, N] True where the latent covers no grid cell
+
+
+class GridDVAEOutput(NamedTuple):
+    cell_logits: torch.Tensor  # [B, L, V] over the batch's canvas
+    height_logits: torch.Tensor  # [B, MAX_GRID_SIZE], class h-1 = height h
+    width_logits: torch.Tensor  # [B, MAX_GRID_SIZE]
+    encoded: Encoded
+
+
+def patchify(tokens: torch.Tensor, height: int, width: int, patch: int, pad_id: int):
+    """[B, H*W] canvas tokens -> [B, Hp, Wp, patch*patch] patches (canvas padded with PAD)."""
+    batch = tokens.shape[0]
+    board = tokens.view(batch, height, width)
+    pad_h, pad_w = (-height) % patch, (-width) % patch
+    if pad_h or pad_w:
+        board = F.pad(board, (0, pad_w, 0, pad_h), value=pad_id)
+    hp, wp = board.shape[1] // patch, board.shape[2] // patch
+    patches = board.view(batch, hp, patch, wp, patch).permute(0, 1, 3, 2, 4)
+    return patches.reshape(batch, hp, wp, patch * patch)
+
+
+def unpatchify(values: torch.Tensor, hp: int, wp: int, patch: int, height: int, width: int):
+    """[B, Hp*Wp, patch*patch, C] -> [B, height*width, C], cropping the canvas padding."""
+    batch, channels = values.shape[0], values.shape[-1]
+    board = values.view(batch, hp, wp, patch, patch, channels).permute(0, 1, 3, 2, 4, 5)
+    board = board.reshape(batch, hp * patch, wp * patch, channels)[:, :height, :width]
+    return board.reshape(batch, height * width, channels)
+
+
+def grid_positions(hp: int, wp: int, device: torch.device) -> torch.Tensor:
+    """[Hp*Wp, 2] (row, col) coordinates of a Hp x Wp board, row-major."""
+    rows, cols = torch.meshgrid(
+        torch.arange(hp, device=device), torch.arange(wp, device=device), indexing="ij"
+    )
+    return torch.stack([rows, cols], dim=-1).view(-1, 2)
+
+
+class GridDVAE(nn.Module):
+    def __init__(self, config: ModelConfig, vocab: Vocabulary = VOCAB, eos: bool = True):
+        super().__init__()
+        self.config = config
+        self.vocab = vocab
+        self.eos = eos
+        width = config.width
+        self.width = width
+        self.token_patch = config.patch_size if config.patch_tokens else 1
+        self.spatial = config.layout == "spatial"
+        head_dim = width // config.heads
+        block_args = dict(
+            width=width, heads=config.heads, mlp=config.mlp, mlp_ratio=config.mlp_ratio,
+            dropout=config.dropout,
+        )
+
+        # encoder: one embedding row per (position in patch, token), summed over the patch
+        self.token_embedding = nn.Embedding(self.token_patch**2 * vocab.size, width)
+        self.rope = Rope2D(head_dim, config.rope_base_row, config.rope_base_col)
+        self.encoder = nn.ModuleList(Block(**block_args) for _ in range(config.encoder_layers))
+        self.encoder_norm = nn.RMSNorm(width)
+
+        if self.spatial:
+            self.pooling = None
+            self.to_latent = nn.Linear(width, width)
+        else:
+            self.pooling = LatentPooling(
+                width, config.heads, config.num_latents, config.pooling_layers, config.mlp,
+                config.mlp_ratio, config.dropout,
+            )
+            self.to_latent = nn.Identity()
+
+        num_slots = None if self.spatial else config.num_latents
+        self.quantizer = build_quantizer(config.quantizer, width, num_slots)
+
+        # decoder
+        self.code_projection = nn.Linear(width, width)
+        self.row_embedding = nn.Embedding(MAX_GRID_SIZE + 2, width)
+        self.col_embedding = nn.Embedding(MAX_GRID_SIZE + 2, width)
+        if self.spatial:
+            self.decoder = nn.ModuleList(Block(**block_args) for _ in range(config.decoder_layers))
+            self.output_patch = config.patch_size
+        else:
+            self.slot_embedding = nn.Parameter(torch.zeros(config.num_latents, width))
+            self.decoder = nn.ModuleList(
+                Block(**block_args, cross_attention=True) for _ in range(config.decoder_layers)
+            )
+            self.output_patch = self.token_patch
+        self.decoder_norm = nn.RMSNorm(width)
+        self.cell_head = nn.Linear(width, self.output_patch**2 * vocab.size)
+        self.shape_head = nn.Sequential(
+            nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, 2 * MAX_GRID_SIZE)
+        )
+        init_weights(self, config.encoder_layers + config.decoder_layers + config.pooling_layers)
+        if not self.spatial:
+            nn.init.normal_(self.slot_embedding, std=0.02)
+
+    # ----------------------------------------------------------------------------------------
+    def embed_tokens(self, tokens: torch.Tensor, height: int, width: int):
+        """Canvas tokens -> encoder tokens [B, P, D], their positions [P, 2] and padding [B, P]."""
+        p = self.token_patch
+        patches = patchify(tokens, height, width, p, self.vocab.pad_id)  # [B, Hp, Wp, p*p]
+        batch, hp, wp, _ = patches.shape
+        offsets = torch.arange(p * p, device=tokens.device) * self.vocab.size
+        embedded = self.token_embedding(patches + offsets).sum(dim=3)  # [B, Hp, Wp, D]
+        padding = (patches == self.vocab.pad_id).all(dim=-1)  # [B, Hp, Wp]
+        positions = grid_positions(hp, wp, tokens.device)
+        return embedded.view(batch, hp * wp, -1), positions, padding.view(batch, -1), (hp, wp)
+
+    def encode(self, batch: Batch, **schedule_values: float) -> Encoded:
+        tokens = batch.tokens
+        h, positions, padding, (hp, wp) = self.embed_tokens(
+            tokens, batch.canvas_height, batch.canvas_width
+        )
+        rope = self.rope(positions.unsqueeze(0))
+        for block in self.encoder:
+            h = block(h, rope, padding)
+        h = self.encoder_norm(h)  # [B, P, D]
+
+        if self.spatial:
+            latents, latent_positions, latent_padding = self._pool_patches(h, padding, hp, wp)
+        else:
+            latents = self.pooling(h, rope, padding)  # [B, N, D]
+            latent_positions = torch.zeros(
+                latents.shape[0], latents.shape[1], 2, dtype=torch.long, device=h.device
+            )
+            latent_padding = torch.zeros(latents.shape[:2], dtype=torch.bool, device=h.device)
+        latents = self.to_latent(latents)
+        quantized = self.quantizer(latents, **schedule_values)
+        return Encoded(latents, quantized, latent_positions, latent_padding)
+
+    def _pool_patches(self, h: torch.Tensor, padding: torch.Tensor, hp: int, wp: int):
+        """Spatial layout: average encoder tokens inside each code patch (masked to real cells)."""
+        batch = h.shape[0]
+        if self.token_patch == self.config.patch_size:  # encoder tokens already are the patches
+            positions = grid_positions(hp, wp, h.device).expand(batch, -1, -1)
+            return h, positions, padding
+        ratio = self.config.patch_size
+        board = h.view(batch, hp, wp, -1)
+        keep = (~padding).view(batch, hp, wp, 1).to(h.dtype)
+        pad_h, pad_w = (-hp) % ratio, (-wp) % ratio
+        board = F.pad(board * keep, (0, 0, 0, pad_w, 0, pad_h))
+        keep = F.pad(keep, (0, 0, 0, pad_w, 0, pad_h))
+        qh, qw = board.shape[1] // ratio, board.shape[2] // ratio
+        sums = board.view(batch, qh, ratio, qw, ratio, -1).sum(dim=(2, 4))  # [B, Qh, Qw, D]
+        counts = keep.view(batch, qh, ratio, qw, ratio, 1).sum(dim=(2, 4))
+        latents = (sums / counts.clamp_min(1.0)).view(batch, qh * qw, -1)
+        latent_padding = (counts == 0).view(batch, qh * qw)
+        positions = grid_positions(qh, qw, h.device).expand(batch, -1, -1)
+        return latents, positions, latent_padding
+
+    # ----------------------------------------------------------------------------------------
+    def predict_shape(self, codes: torch.Tensor, latent_padding: torch.Tensor):
+        """Height and width logits [B, 30] each, from the projected codes alone."""
+        keep = (~latent_padding).unsqueeze(-1).to(codes.dtype)  # [B, N, 1]
+        mean = (codes * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        maximum = codes.masked_fill(latent_padding.unsqueeze(-1), float("-inf")).amax(1)
+        logits = self.shape_head(torch.cat([mean, maximum], dim=-1))
+        return logits.split(MAX_GRID_SIZE, dim=-1)
+
+    def decode(
+        self,
+        quantized: torch.Tensor,  # [B, N, D]
+        latent_positions: torch.Tensor,  # [B, N, 2]
+        latent_padding: torch.Tensor,  # [B, N]
+        canvas_height: int,
+        canvas_width: int,
+        canvas_padding: torch.Tensor,  # [B, canvas_height * canvas_width] True outside the grid
+    ):
+        """Codes -> (cell logits [B, L, V], height logits, width logits) on the given canvas."""
+        codes = self.code_projection(quantized)  # [B, N, D]
+        height_logits, width_logits = self.predict_shape(codes, latent_padding)
+        if self.spatial:
+            hp = -(-canvas_height // self.output_patch)
+            wp = -(-canvas_width // self.output_patch)
+            rows, cols = latent_positions.unbind(-1)
+            h = codes + self.row_embedding(rows) + self.col_embedding(cols)
+            rope = self.rope(latent_positions)
+            for block in self.decoder:
+                h = block(h, rope, latent_padding)
+        else:
+            p = self.output_patch
+            hp, wp = -(-canvas_height // p), -(-canvas_width // p)
+            positions = grid_positions(hp, wp, codes.device)  # [P, 2]
+            rows, cols = positions.unbind(-1)
+            queries = (self.row_embedding(rows) + self.col_embedding(cols)).expand(
+                codes.shape[0], -1, -1
+            )
+            padding = patchify(canvas_padding.long(), canvas_height, canvas_width, p, 1)
+            padding = padding.bool().all(-1).view(codes.shape[0], -1)  # [B, P]
+            context = codes + self.slot_embedding
+            rope = self.rope(positions.unsqueeze(0))
+            h = queries
+            for block in self.decoder:
+                h = block(h, rope, padding, context=context)
+        h = self.decoder_norm(h)
+        logits = self.cell_head(h).view(h.shape[0], hp * wp, self.output_patch**2, -1)
+        cell_logits = unpatchify(logits, hp, wp, self.output_patch, canvas_height, canvas_width)
+        return cell_logits, height_logits, width_logits
+
+    def forward(self, batch: Batch, **schedule_values: float) -> GridDVAEOutput:
+        encoded = self.encode(batch, **schedule_values)
+        cell_logits, height_logits, width_logits = self.decode(
+            encoded.quantizer.quantized,
+            encoded.latent_positions,
+            encoded.latent_padding,
+            batch.canvas_height,
+            batch.canvas_width,
+            batch.pad_mask,
+        )
+        return GridDVAEOutput(cell_logits, height_logits, width_logits, encoded)
+
+    @property
+    def codes_per_grid(self) -> str:
+        if self.spatial:
+            return f"one per {self.config.patch_size}x{self.config.patch_size} patch"
+        return str(self.config.num_latents)

@@ -1,0 +1,48 @@
+"""Rotary position embeddings (Su et al. 2021) in one and two dimensions.
+
+2D RoPE: half of each head's dimensions rotate with the row, the other half with the column, each
+axis with its own base, so the attention score between two cells depends only on their (row, col)
+offset (and the contents), never on where the pair sits on the grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive halves: x = [a, b] -> [a cos - b sin, b cos + a sin] on the last dim."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+class Rope2D(nn.Module):
+    """Precomputes (cos, sin) for (row, col) positions; :func:`apply_rope_2d` applies them."""
+
+    def __init__(self, head_dim: int, base_row: float = 100.0, base_col: float = 100.0):
+        super().__init__()
+        if head_dim % 4 != 0:
+            raise ValueError(f"2D RoPE needs a head dimension divisible by 4; got {head_dim}")
+        quarter = head_dim // 4
+        exponents = torch.arange(quarter, dtype=torch.float32) / quarter
+        self.register_buffer("inv_freq_row", base_row**-exponents, persistent=False)
+        self.register_buffer("inv_freq_col", base_col**-exponents, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, L, 2] (row, col) -> cos, sin each [B, 1, L, head_dim / 2]."""
+        positions = positions.float()
+        row_angles = positions[..., 0:1] * self.inv_freq_row  # [B, L, hd/4]
+        col_angles = positions[..., 1:2] * self.inv_freq_col  # [B, L, hd/4]
+        angles = torch.cat([row_angles, col_angles], dim=-1).unsqueeze(1)  # [B, 1, L, hd/2]
+        return angles.cos(), angles.sin()
+
+
+def apply_rope_2d(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [B, H, L, head_dim]: first half rotated by row angles, second half by column angles."""
+    cos, sin = rope  # [B, 1, L, hd/2]
+    quarter = x.shape[-1] // 4
+    x_row, x_col = x.chunk(2, dim=-1)  # each [B, H, L, hd/2]
+    cos_row, cos_col = cos[..., :quarter], cos[..., quarter:]
+    sin_row, sin_col = sin[..., :quarter], sin[..., quarter:]
+    return torch.cat([rotate(x_row, cos_row, sin_row), rotate(x_col, cos_col, sin_col)], dim=-1)

@@ -1,0 +1,88 @@
+"""The Quantizer contract shared by every quantizer in this package.
+
+A quantizer is an ``nn.Module`` whose ``forward(z, **schedule_values)`` takes ``z: [..., dim]`` and
+returns a :class:`QuantizerOutput`. Scheduled values (temperature, hardness, noise scale) are keyword
+arguments, never hidden step counters: the trainer owns time. Unknown keyword arguments are ignored,
+so a trainer can pass every scheduled value to whichever quantizer it holds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class QuantizerOutput(NamedTuple):
+    """What every quantizer returns (a NamedTuple, so tuple unpacking works)."""
+
+    quantized: torch.Tensor  # same shape as z: [..., dim]
+    indices: torch.Tensor | None  # [...] or [..., levels] for residual/group; None for identity
+    loss: torch.Tensor  # scalar, the weighted auxiliary loss (0 when there is none)
+    logits: torch.Tensor | None  # [..., codebook_size] for the probabilistic quantizers, else None
+    stats: dict[str, torch.Tensor]  # detached scalars for logging: perplexity, used_codes, ...
+
+
+class Quantizer(nn.Module):
+    """Base class: subclasses set ``codebook_size`` and implement ``forward`` and
+    ``codes_to_quantized``."""
+
+    codebook_size: int = 0
+
+    def forward(self, z: torch.Tensor, **schedule_values: float) -> QuantizerOutput:
+        raise NotImplementedError
+
+    def codes_to_quantized(self, indices: torch.Tensor) -> torch.Tensor:
+        """Map code indices back to the quantized vectors ``[..., dim]`` that ``forward`` returns."""
+        raise NotImplementedError
+
+    @property
+    def bits_per_code(self) -> float:
+        """Bits carried by one index: log2 of the number of distinct codes."""
+        return math.log2(self.codebook_size) if self.codebook_size > 1 else 0.0
+
+
+def usage_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Tensor]:
+    """Perplexity (2 ** entropy in bits) and number of distinct codes of a batch of indices."""
+    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp_min(1.0)
+    entropy_bits = -(probs * torch.log2(probs.clamp_min(1e-12))).sum()
+    return {
+        "perplexity": entropy_bits.exp2().detach(),
+        "used_codes": (counts > 0).sum().float().detach(),
+    }
+
+
+def perplexity_of_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Perplexity of the distribution ``counts / counts.sum(-1)``, ``counts: [..., K]`` -> ``[...]``."""
+    counts = counts.float()
+    probs = counts / counts.sum(-1, keepdim=True).clamp_min(1e-12)
+    return (-(probs * torch.log2(probs.clamp_min(1e-12))).sum(-1)).exp2()
+
+
+def counts_stats(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`usage_stats` from code counts ``[H, K]`` (H codebooks), averaged over codebooks."""
+    return {
+        "perplexity": perplexity_of_counts(counts).mean().detach(),
+        "used_codes": (counts > 0).sum(-1).float().mean().detach(),
+    }
+
+
+# --- torch.distributed helpers: the decision to communicate is made at call time ---------------
+
+
+def distributed_world_size() -> int:
+    """World size of the default process group, or 1 when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def all_gather_stack(tensor: torch.Tensor) -> torch.Tensor:
+    """Gather ``tensor`` (same shape on every rank) from all ranks: ``[...]`` -> ``[world, ...]``."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)

@@ -1,0 +1,185 @@
+"""Run folders and the training entry points behind ``pips train`` and ``pips resume``.
+
+``runs/<name>/`` holds ``config.yaml`` (resolved), ``checkpoints/`` (``last.ckpt`` and the best by
+validation cell accuracy), ``metrics.csv``, TensorBoard events, ``images/`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from pips.config import Config, ConfigError, load_config, save_config
+from pips.data.batch import Batch, collate_grids
+from pips.evaluation.evaluate import evaluate
+from pips.training.callbacks import ReconstructionImages, TrainingProgress
+from pips.training.checkpoint_io import AtomicCheckpointIO
+from pips.training.datamodule import GridDataModule
+from pips.training.module import GridDVAEModule
+
+SUMMARY_KEYS = ("cell_accuracy", "grid_accuracy", "codebook_perplexity", "bits_per_grid")
+
+
+class RunError(RuntimeError):
+    """A run folder that cannot be used as asked; the message says why and what to do."""
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*The number of training batches.*",
+        ".*LeafSpec.*",
+        ".*isinstance.*treespec.*",
+        ".*Checkpoint directory.*exists and is not empty.*",
+        ".*GPU available but not used.*",
+        ".*tensorboardX.*",
+        ".*`Trainer.fit` stopped.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def new_run_dir(config: Config) -> Path:
+    name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.run_root) / name
+    if (run_dir / "checkpoints").exists():
+        raise RunError(
+            f"run folder {run_dir} already holds a run; continue it with `pips resume {run_dir}` "
+            f"or choose another name with name=..."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _setup_torch(config: Config) -> None:
+    if config.trainer.threads is not None:
+        torch.set_num_threads(config.trainer.threads)
+    torch.set_float32_matmul_precision(config.trainer.matmul_precision)
+
+
+def _build_trainer(
+    config: Config, run_dir: Path, progress: TrainingProgress, image_batch: Batch
+) -> L.Trainer:
+    trainer_config = config.trainer
+    callbacks = [
+        progress,
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="best-step{step}",
+            auto_insert_metric_name=False, monitor="val/cell_accuracy", mode="max",
+            save_top_k=1, save_last=True,
+        ),
+        ReconstructionImages(run_dir / "images", trainer_config.image_every, image_batch),
+    ]
+    loggers = [
+        CSVLogger(run_dir, name="", version=""),
+        TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
+    ]
+    max_time = None
+    if trainer_config.max_minutes is not None:
+        max_time = {"minutes": trainer_config.max_minutes}
+    return L.Trainer(
+        default_root_dir=run_dir,
+        max_steps=trainer_config.max_steps,
+        max_time=max_time,
+        val_check_interval=trainer_config.val_every * config.optim.accumulate,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=trainer_config.log_every,
+        gradient_clip_val=config.optim.grad_clip,
+        accumulate_grad_batches=config.optim.accumulate,
+        precision=trainer_config.precision,
+        accelerator=trainer_config.accelerator,
+        devices=trainer_config.devices,
+        deterministic=trainer_config.deterministic,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def fit(config: Config, run_dir: Path, ckpt_path: Path | None = None) -> dict:
+    """Train (or continue) the run in ``run_dir``; write summary.json; return the summary."""
+    _quiet_lightning()
+    _setup_torch(config)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    started = time.time()
+    datamodule = GridDataModule(config.data, config.seed)
+    datamodule.setup("fit")
+    module = GridDVAEModule(config)
+    if config.trainer.compile:
+        module.model = torch.compile(module.model)
+    progress = TrainingProgress(show_bar=config.trainer.progress)
+    image_records = datamodule.val_records[:: max(len(datamodule.val_records) // 8, 1)][:8]
+    image_batch = collate_grids([record.grid for record in image_records], eos=config.data.eos)
+    trainer = _build_trainer(config, run_dir, progress, image_batch)
+    print(
+        f"training on {len(datamodule.train_records)} grids ({config.data.source} "
+        f"{config.data.train_split}), validating on {len(datamodule.val_records)} "
+        f"({config.data.val_split}); {sum(p.numel() for p in module.parameters()):,} parameters; "
+        f"layout {config.model.layout}, quantizer {config.model.quantizer.kind}",
+        file=sys.stderr,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    summary = {"status": "finished", "steps": trainer.global_step}
+    if trainer.is_global_zero:
+        final = evaluate(
+            module.model, datamodule.eval_dataloader(datamodule.val_records), module.device,
+            **module.schedule_values(trainer.global_step),
+        )
+        summary.update({key: final[key] for key in SUMMARY_KEYS})
+        summary.update({f"val_{k}": v for k, v in final.items() if k not in SUMMARY_KEYS})
+        previous = _read_summary(run_dir)
+        summary["wall_seconds"] = previous.get("wall_seconds", 0.0) + (time.time() - started)
+        summary["grids_per_second"] = progress.grids_per_second
+        summary["train_grids"] = len(datamodule.train_records)
+        summary["val_grids"] = len(datamodule.val_records)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _read_summary(run_dir: Path) -> dict:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def train(config_path: str | None, overrides: list[str]) -> tuple[Path, dict]:
+    config = load_config(config_path, overrides)
+    run_dir = new_run_dir(config)
+    config.name = run_dir.name
+    save_config(config, run_dir / "config.yaml")
+    (run_dir / "command.txt").write_text(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
+    return run_dir, fit(config, run_dir)
+
+
+def resume(run_dir: str | Path, overrides: list[str]) -> tuple[Path, dict]:
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if not config_path.is_file():
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml); give the folder that "
+                       f"`pips train` printed")
+    if not checkpoint.is_file():
+        raise RunError(f"{run_dir} has no checkpoints/last.ckpt to resume from; start a new run "
+                       f"with `pips train`")
+    config = load_config(config_path, overrides)
+    config.name = run_dir.name
+    config.run_root = str(run_dir.parent)
+    save_config(config, config_path)
+    return run_dir, fit(config, run_dir, ckpt_path=checkpoint)
+
+
+__all__ = ["ConfigError", "RunError", "fit", "new_run_dir", "resume", "train"]
