@@ -86,3 +86,39 @@ def all_gather_stack(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.stack(parts)
+
+
+# --- straight-through estimator fused with the commitment loss ------------------------------
+
+
+class _StraightThroughCommitment(torch.autograd.Function):
+    """Forward: ``(codes, mean((inputs - codes)^2))``; backward: identity from the first output to
+    ``inputs`` plus ``2 (inputs - codes) / numel`` from the second. ``codes`` gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, codes: torch.Tensor):
+        difference = inputs - codes
+        ctx.save_for_backward(difference)
+        flat_difference = difference.reshape(-1)
+        commitment = torch.dot(flat_difference, flat_difference) / flat_difference.numel()
+        return codes.view_as(codes), commitment
+
+    @staticmethod
+    def backward(ctx, grad_quantized: torch.Tensor | None, grad_commitment: torch.Tensor | None):
+        (difference,) = ctx.saved_tensors
+        if grad_quantized is None:
+            grad_quantized = torch.zeros_like(difference)
+        if grad_commitment is None:
+            return grad_quantized, None
+        scale = grad_commitment * (2.0 / difference.numel())
+        return torch.addcmul(grad_quantized, difference, scale), None
+
+
+def straight_through_with_commitment(
+    inputs: torch.Tensor, codes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(quantized, commitment)``: ``quantized`` has exactly the value of ``codes`` and the gradient
+    of ``inputs`` (straight-through, van den Oord et al. 2017, Eq. 3); ``commitment`` is
+    ``mean((inputs - sg[codes])^2)``. Same result as ``codes + (inputs - inputs.detach())`` and
+    ``F.mse_loss(inputs, codes.detach())``, in one pass over the tensors forward and backward."""
+    return _StraightThroughCommitment.apply(inputs, codes.detach())

@@ -1,0 +1,143 @@
+"""Lookup-free quantization (Yu et al. 2023, "Language Model Beats Diffusion", MAGVIT-v2, Sec. 3.1).
+
+Each channel is quantized to its sign, ``q = sign(z) in {-1, +1}^dim``; the implicit codebook has
+``2^dim`` codes and the index is ``sum_i 2^i [z_i > 0]``. The entropy penalty (Eq. 5) is
+``E_x[H(q(c|x))] - gamma * H(E_x[q(c|x)])`` with ``q(c|x) = softmax_c(-inv_temperature ||z - c||^2)``
+over all ``2^dim`` codes.
+
+Because ``||z - c||^2 = sum_i (z_i - c_i)^2``, ``q(c|x)`` factorises into independent per-bit
+Bernoullis with ``P(c_i = +1) = sigmoid(4 inv_temperature z_i)``:
+
+- the per-sample entropy is a sum of binary entropies (exact, ``[N, dim]`` work);
+- the batch average ``E_x[q]`` does not factorise, but splitting the bits into a low and a high half,
+  ``q(c) = q_lo(c_lo) q_hi(c_hi)``, makes it one matrix product
+  ``E_x[q] = P_lo^T P_hi / N`` with ``P_lo: [N, 2^(dim/2)]``, exact, never an ``[N, 2^dim]`` tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pips.quantizers.base import (
+    Quantizer,
+    QuantizerOutput,
+    straight_through_with_commitment,
+    usage_stats,
+)
+
+MAX_ENTROPY_DIM = 24  # E[q] over 2^dim codes is held in memory: 2^24 floats = 64 MiB
+MAX_USAGE_STATS_DIM = 20  # bincount over 2^dim codes for the usage stats
+LOG_PROB_FLOOR = -40.0
+
+
+def bit_patterns(num_bits: int, device: torch.device | None = None) -> torch.Tensor:
+    """All ``2^num_bits`` codes as 0/1 rows, bit ``i`` of code ``c`` in column ``i``: ``[2^b, b]``."""
+    codes = torch.arange(2**num_bits, device=device)
+    return ((codes.unsqueeze(-1) >> torch.arange(num_bits, device=device)) & 1).float()
+
+
+def code_log_probs(bit_logits: torch.Tensor) -> torch.Tensor:
+    """``log q(c|x)`` of every code of the given bits, ``[N, b]`` bit logits -> ``[N, 2^b]``.
+
+    ``log q(c|x) = sum_i [c_i] l_i - softplus(l_i)`` for independent bits with logits ``l``.
+    """
+    patterns = bit_patterns(bit_logits.shape[-1], bit_logits.device)  # [2^b, b]
+    return bit_logits @ patterns.t() - F.softplus(bit_logits).sum(-1, keepdim=True)  # [N, 2^b]
+
+
+def lfq_entropy_terms(z: torch.Tensor, inv_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E_x[H(q(c|x))], H(E_x[q(c|x)]))`` in nats for ``z: [N, dim]``, exactly (see module doc)."""
+    bit_logits = 4 * inv_temperature * z  # [N, dim]; log P(+1) - log P(-1) per bit
+    prob_plus = torch.sigmoid(bit_logits)
+    # Binary entropy: -p log p - (1-p) log(1-p), with log p = -softplus(-l), log(1-p) = -softplus(l).
+    bit_entropy = prob_plus * F.softplus(-bit_logits) + (1 - prob_plus) * F.softplus(bit_logits)
+    per_sample_entropy = bit_entropy.sum(-1).mean()
+
+    # Half-code probabilities below e^-40 are raised to e^-40: it moves the entropies by < 1e-10
+    # even at dim 16 and keeps exp and the product out of (very slow) denormal floats on CPU.
+    low_bits = z.shape[-1] // 2
+    probs_low = (
+        code_log_probs(bit_logits[:, :low_bits]).clamp_min(LOG_PROB_FLOOR).exp()
+    )  # [N, 2^lo]
+    probs_high = (
+        code_log_probs(bit_logits[:, low_bits:]).clamp_min(LOG_PROB_FLOOR).exp()
+    )  # [N, 2^hi]
+    mean_probs = probs_low.t() @ probs_high / z.shape[0]  # [2^lo, 2^hi] = E_x[q(c|x)]
+    codebook_entropy = -(mean_probs * mean_probs.clamp_min(1e-30).log()).sum()
+    return per_sample_entropy, codebook_entropy
+
+
+class LFQ(Quantizer):
+    """Lookup-free quantizer with the MAGVIT-v2 entropy penalty.
+
+    Args:
+        dim: feature size of ``z`` = number of bits; ``codebook_size = 2^dim``.
+        entropy_weight: weight of ``E[H(q(c|x))] - diversity_gamma * H(E[q(c|x)])``.
+        commitment_weight: weight of ``||z - sg[q]||^2``.
+        diversity_gamma: weight of the codebook-entropy term inside the penalty.
+        inv_temperature: sharpness of ``q(c|x) = softmax(-inv_temperature ||z - c||^2)`` (100 as in
+            the reference implementation). A constructor argument, so a trainer's ``temperature``
+            schedule meant for another quantizer is not picked up by mistake.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        entropy_weight: float = 0.1,
+        commitment_weight: float = 0.25,
+        diversity_gamma: float = 1.0,
+        inv_temperature: float = 100.0,
+    ) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"LFQ dim must be >= 1; got {dim}")
+        if entropy_weight > 0 and dim > MAX_ENTROPY_DIM:
+            raise ValueError(
+                f"LFQ entropy loss holds 2^dim probabilities, so dim must be <= {MAX_ENTROPY_DIM} "
+                f"when entropy_weight > 0; got dim={dim} (set entropy_weight=0 or lower dim)"
+            )
+        self.dim = dim
+        self.codebook_size = 2**dim
+        self.entropy_weight = entropy_weight
+        self.commitment_weight = commitment_weight
+        self.diversity_gamma = diversity_gamma
+        self.inv_temperature = inv_temperature
+        self.register_buffer("_powers", 2 ** torch.arange(dim), persistent=False)  # [dim]
+
+    def forward(self, z: torch.Tensor, **schedule_values: float) -> QuantizerOutput:
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"LFQ expects z of shape [..., {self.dim}]; got {tuple(z.shape)}")
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            inputs = z.float()
+            positive = inputs > 0  # [..., dim]
+            codes = torch.where(positive, 1.0, -1.0)
+            indices = (positive.long() * self._powers).sum(-1)  # [...]
+            # Straight-through: value exactly +-1, identity gradient; commitment ||z - sg[q]||^2.
+            quantized, commitment = straight_through_with_commitment(inputs, codes)
+            loss = self.commitment_weight * commitment
+            stats: dict[str, torch.Tensor] = {}
+            if self.entropy_weight > 0:
+                per_sample, codebook = lfq_entropy_terms(
+                    inputs.reshape(-1, self.dim), self.inv_temperature
+                )
+                loss = loss + self.entropy_weight * (per_sample - self.diversity_gamma * codebook)
+                stats["per_sample_entropy"] = per_sample.detach()
+                stats["codebook_entropy"] = codebook.detach()
+        stats.update(self._usage_stats(indices))
+        return QuantizerOutput(quantized.to(z.dtype), indices, loss, None, stats)
+
+    def codes_to_quantized(self, indices: torch.Tensor) -> torch.Tensor:
+        bits = (indices.unsqueeze(-1) >> torch.arange(self.dim, device=indices.device)) & 1
+        return bits.float() * 2 - 1  # [..., dim]
+
+    def _usage_stats(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.dim <= MAX_USAGE_STATS_DIM:
+            return usage_stats(indices, self.codebook_size)
+        _, counts = torch.unique(indices.reshape(-1), return_counts=True)  # too many codes to bin
+        probs = counts.float() / counts.sum()
+        entropy_bits = -(probs * probs.log2()).sum()
+        return {
+            "perplexity": entropy_bits.exp2(),
+            "used_codes": torch.tensor(float(counts.numel())),
+        }
