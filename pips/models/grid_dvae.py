@@ -97,7 +97,7 @@ class GridDVAE(nn.Module):
 
         if self.spatial:
             self.pooling = None
-            self.to_latent = nn.Linear(width, width)
+            self.to_latent = nn.Identity()
         else:
             self.pooling = LatentPooling(
                 width, config.heads, config.num_latents, config.pooling_layers, config.mlp,
@@ -105,8 +105,6 @@ class GridDVAE(nn.Module):
             )
             self.to_latent = nn.Identity()
 
-        num_slots = None if self.spatial else config.num_latents
-        self.quantizer = build_quantizer(config.quantizer, width, num_slots)
 
         # decoder
         self.code_projection = nn.Linear(width, width)
@@ -129,6 +127,10 @@ class GridDVAE(nn.Module):
         init_weights(self, config.encoder_layers + config.decoder_layers + config.pooling_layers)
         if not self.spatial:
             nn.init.normal_(self.slot_embedding, std=0.02)
+        # built after the GPT-2 init: a quantizer keeps its own initialisation, which its
+        # rounding or codebook scale depends on (an FSQ projection at std 0.02 rounds to 0)
+        num_slots = None if self.spatial else config.num_latents
+        self.quantizer = build_quantizer(config.quantizer, width, num_slots)
 
     # ----------------------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor, height: int, width: int):
