@@ -38,7 +38,8 @@ class ReconstructionMetrics:
         self.sizes_correct = 0
         self.grids_total = 0
         self.code_bits_total = 0.0
-        self.usage: torch.Tensor | None = None  # [slots, K]
+        self.code_ids: list[torch.Tensor] = []  # flat (slot * K + code) ids, one tensor a batch
+        self.num_slots = 0
 
     def update(
         self,
@@ -77,11 +78,8 @@ class ReconstructionMetrics:
             slot_ids = torch.arange(levels, device=indices.device).view(1, 1, levels)
         slot_ids = slot_ids.expand(batch, num_latents, levels)[keep]  # [M, S]
         codes = indices[keep]  # [M, S]
-        num_slots = num_latents * levels if slotted else levels
-        flat = (slot_ids * self.codebook_size + codes).reshape(-1).cpu()
-        counts = torch.bincount(flat, minlength=num_slots * self.codebook_size)
-        counts = counts.view(num_slots, self.codebook_size)
-        self.usage = counts if self.usage is None else self.usage + counts
+        self.num_slots = num_latents * levels if slotted else levels
+        self.code_ids.append((slot_ids * self.codebook_size + codes).reshape(-1).cpu())
 
     def compute(self) -> dict[str, float]:
         out = {
@@ -91,11 +89,24 @@ class ReconstructionMetrics:
             "bits_per_grid": self.code_bits_total / max(self.grids_total, 1),
             "grids": float(self.grids_total),
         }
-        if self.usage is not None:
-            per_slot = perplexity(self.usage.float())
-            out["codebook_perplexity"] = float(per_slot.mean())
-            out["codebook_perplexity_all"] = float(perplexity(self.usage.sum(0).float()))
-            out["codes_used"] = float((self.usage.sum(0) > 0).sum())
+        if self.code_ids:
+            # counted by sorting: a dense [slots, K] histogram is too big for K = 8^8 FSQ codes
+            ids, counts = torch.unique(torch.cat(self.code_ids), return_counts=True)
+            slots, codes = ids // self.codebook_size, ids % self.codebook_size
+            slot_totals = torch.zeros(self.num_slots, dtype=torch.float64).index_add_(
+                0, slots, counts.double()
+            )
+            probs = counts.double() / slot_totals[slots]
+            slot_entropy = torch.zeros(self.num_slots, dtype=torch.float64).index_add_(
+                0, slots, -probs * probs.log2()
+            )
+            out["codebook_perplexity"] = float(slot_entropy.exp2().mean())
+            distinct_codes, code_of_id = torch.unique(codes, return_inverse=True)
+            code_counts = torch.zeros(len(distinct_codes), dtype=torch.float64).index_add_(
+                0, code_of_id, counts.double()
+            )
+            out["codebook_perplexity_all"] = float(perplexity(code_counts))
+            out["codes_used"] = float(len(code_counts))
         else:
             out["codebook_perplexity"] = float("nan")
         return out

@@ -46,8 +46,16 @@ class Quantizer(nn.Module):
 
 
 def usage_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Tensor]:
-    """Perplexity (2 ** entropy in bits) and number of distinct codes of a batch of indices."""
-    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    """Perplexity (2 ** entropy in bits) and number of distinct codes of a batch of indices.
+
+    Counts by sorting when the codebook is much larger than the batch (FSQ with 8^8 codes): a
+    histogram over every code would cost more than the model's step.
+    """
+    flat = indices.reshape(-1)
+    if codebook_size > 4 * flat.numel():
+        counts = torch.unique(flat, return_counts=True)[1].float()
+    else:
+        counts = torch.bincount(flat, minlength=codebook_size).float()
     probs = counts / counts.sum().clamp_min(1.0)
     entropy_bits = -(probs * torch.log2(probs.clamp_min(1e-12))).sum()
     return {
