@@ -18,8 +18,10 @@ app = typer.Typer(
 
 
 def _options_table() -> str:
-    lines = ["[bold]Config keys[/bold] (set with key.sub=value; a schedule also takes "
-             "key.start=, key.end=, key.kind=, key.steps=, key.warmup=):\n\n"]
+    lines = [
+        "[bold]Config keys[/bold] (set with key.sub=value; a schedule also takes "
+        "key.start=, key.end=, key.kind=, key.steps=, key.warmup=):\n\n"
+    ]
     for key, default, help_text in describe_options():
         lines.append(f"[cyan]{key}[/cyan] = {default}  {help_text}\n\n")
     return "".join(lines)
@@ -38,16 +40,27 @@ def _split_config(arguments: list[str]) -> tuple[str | None, list[str]]:
 
 def _report(run_dir: Path, summary: dict) -> None:
     typer.echo(f"run folder: {run_dir}")
-    shown = {k: summary[k] for k in ("cell_accuracy", "grid_accuracy", "codebook_perplexity",
-                                     "bits_per_grid", "steps", "wall_seconds",
-                                     "grids_per_second") if k in summary}
+    shown = {
+        k: summary[k]
+        for k in (
+            "cell_accuracy",
+            "grid_accuracy",
+            "codebook_perplexity",
+            "bits_per_grid",
+            "steps",
+            "wall_seconds",
+            "grids_per_second",
+        )
+        if k in summary
+    }
     typer.echo("final validation: " + json.dumps(shown, indent=None))
 
 
 @app.command(epilog=_options_table())
 def train(
     arguments: list[str] = typer.Argument(
-        None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
+        None,
+        metavar="[CONFIG.yaml] [KEY=VALUE]...",
         help="an optional preset from configs/ followed by key=value overrides",
     ),
 ) -> None:
@@ -72,8 +85,9 @@ def train(
 @app.command(epilog=_options_table())
 def resume(
     run_dir: Path = typer.Argument(..., help="a run folder written by pips train"),
-    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
-                                          help="overrides, e.g. trainer.max_steps=4000"),
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="overrides, e.g. trainer.max_steps=4000"
+    ),
 ) -> None:
     """Continue a run from its checkpoints/last.ckpt (e.g. with a larger trainer.max_steps).
 

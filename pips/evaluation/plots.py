@@ -13,8 +13,17 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 
 # the ARC colours 0-9, then a light grey for cells outside a grid
 ARC_PALETTE = [
-    "#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00",
-    "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25", "#EEEEEE",
+    "#000000",
+    "#0074D9",
+    "#FF4136",
+    "#2ECC40",
+    "#FFDC00",
+    "#AAAAAA",
+    "#F012BE",
+    "#FF851B",
+    "#7FDBFF",
+    "#870C25",
+    "#EEEEEE",
 ]
 ARC_COLOURMAP = ListedColormap(ARC_PALETTE)
 
@@ -27,17 +36,23 @@ def _show(axis, grid: np.ndarray, title: str) -> None:
 
 
 def save_reconstructions(
-    originals: list[np.ndarray], reconstructions: list[np.ndarray], path: str | Path, title: str = ""
+    originals: list[np.ndarray],
+    reconstructions: list[np.ndarray],
+    path: str | Path,
+    title: str = "",
 ) -> None:
     """One row per grid: the input, the reconstruction, and a map of the differing cells."""
     rows = len(originals)
     figure, axes = plt.subplots(rows, 3, figsize=(4.5, 1.5 * rows + 0.4), squeeze=False)
-    for row, (original, reconstruction) in enumerate(zip(originals, reconstructions)):
+    for row, (original, reconstruction) in enumerate(zip(originals, reconstructions, strict=True)):
         _show(axes[row, 0], original, f"input {original.shape[0]}x{original.shape[1]}")
         size_ok = reconstruction.shape == original.shape
-        _show(axes[row, 1], reconstruction,
-              f"reconstruction {reconstruction.shape[0]}x{reconstruction.shape[1]}"
-              + ("" if size_ok else " (size wrong)"))
+        _show(
+            axes[row, 1],
+            reconstruction,
+            f"reconstruction {reconstruction.shape[0]}x{reconstruction.shape[1]}"
+            + ("" if size_ok else " (size wrong)"),
+        )
         if size_ok:
             wrong = reconstruction != original
             axes[row, 2].imshow(wrong, cmap="Reds", vmin=0, vmax=1, interpolation="nearest")

@@ -32,9 +32,11 @@ def weighted_cross_entropy(
     if label_smoothing > 0:
         nll = (1 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=-1)
     if focal_gamma > 0:
-        target_prob = (-nll).exp() if label_smoothing == 0 else log_probs.gather(
-            -1, targets.unsqueeze(-1)
-        ).squeeze(-1).exp()
+        target_prob = (
+            (-nll).exp()
+            if label_smoothing == 0
+            else log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp()
+        )
         nll = (1 - target_prob).pow(focal_gamma) * nll
     return (nll * weights).sum() / weights.sum().clamp_min(1e-8)
 

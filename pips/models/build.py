@@ -12,28 +12,51 @@ from pips.quantizers import QUANTIZERS, Quantizer
 # `num_slots` the number of latent slots (None for the spatial layout).
 QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict[str, Any]]] = {
     "gumbel": lambda q, dim, num_slots: dict(
-        dim=dim, codebook_size=q.codebook_size, estimator=q.estimator, head=q.head,
-        num_slots=num_slots if q.per_slot_head else None, sampling=q.sampling,
+        dim=dim,
+        codebook_size=q.codebook_size,
+        estimator=q.estimator,
+        head=q.head,
+        num_slots=num_slots if q.per_slot_head else None,
+        sampling=q.sampling,
     ),
     "fsq": lambda q, dim, num_slots: dict(levels=q.levels, dim=dim),
     "vq": lambda q, dim, num_slots: dict(
-        dim=dim, codebook_size=q.codebook_size, ema_decay=q.ema_decay,
+        dim=dim,
+        codebook_size=q.codebook_size,
+        ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
     ),
     "rvq": lambda q, dim, num_slots: dict(
-        dim=dim, codebook_size=q.codebook_size, num_stages=q.num_stages, ema_decay=q.ema_decay,
+        dim=dim,
+        codebook_size=q.codebook_size,
+        num_stages=q.num_stages,
+        ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
     ),
     "gvq": lambda q, dim, num_slots: dict(
-        dim=dim, codebook_size=q.codebook_size, groups=q.groups, ema_decay=q.ema_decay,
+        dim=dim,
+        codebook_size=q.codebook_size,
+        groups=q.groups,
+        ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
     ),
     "lfq": lambda q, dim, num_slots: dict(
-        dim=q.dim or 10, input_dim=dim, entropy_weight=q.entropy_weight,
+        dim=dim,
+        entropy_weight=q.entropy_weight,
         commitment_weight=q.commitment_weight,
     ),
     "none": lambda q, dim, num_slots: dict(dim=dim),
 }
+
+
+# The size of the vectors a quantizer takes when `model.quantizer.dim` is not set (default: the
+# model width). LFQ's vectors are its bits, so it defaults to 10 bits (1024 codes).
+DEFAULT_CODE_DIM = {"lfq": 10}
+
+
+def quantizer_dim(config: QuantizerConfig, width: int) -> int:
+    """The vector size the model projects its latents to before quantizing."""
+    return config.dim or DEFAULT_CODE_DIM.get(config.kind, width)
 
 
 def build_quantizer(config: QuantizerConfig, dim: int, num_slots: int | None) -> Quantizer:

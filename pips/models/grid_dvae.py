@@ -24,7 +24,7 @@ from torch import nn
 from pips.config import ModelConfig
 from pips.data.batch import Batch
 from pips.data.vocab import MAX_GRID_SIZE, VOCAB, Vocabulary
-from pips.models.build import build_quantizer
+from pips.models.build import build_quantizer, quantizer_dim
 from pips.nn.pooling import LatentPooling
 from pips.nn.rope import Rope2D
 from pips.nn.transformer import Block, init_weights
@@ -43,6 +43,7 @@ class GridDVAEOutput(NamedTuple):
     height_logits: torch.Tensor  # [B, MAX_GRID_SIZE], class h-1 = height h
     width_logits: torch.Tensor  # [B, MAX_GRID_SIZE]
     encoded: Encoded
+    covered: torch.Tensor  # [B, L] bool, canvas cells decoded from this grid's own codes
 
 
 def patchify(tokens: torch.Tensor, height: int, width: int, patch: int, pad_id: int):
@@ -85,7 +86,10 @@ class GridDVAE(nn.Module):
         self.spatial = config.layout == "spatial"
         head_dim = width // config.heads
         block_args = dict(
-            width=width, heads=config.heads, mlp=config.mlp, mlp_ratio=config.mlp_ratio,
+            width=width,
+            heads=config.heads,
+            mlp=config.mlp,
+            mlp_ratio=config.mlp_ratio,
             dropout=config.dropout,
         )
 
@@ -95,19 +99,24 @@ class GridDVAE(nn.Module):
         self.encoder = nn.ModuleList(Block(**block_args) for _ in range(config.encoder_layers))
         self.encoder_norm = nn.RMSNorm(width)
 
-        if self.spatial:
-            self.pooling = None
-            self.to_latent = nn.Identity()
-        else:
-            self.pooling = LatentPooling(
-                width, config.heads, config.num_latents, config.pooling_layers, config.mlp,
-                config.mlp_ratio, config.dropout,
+        self.pooling = (
+            None
+            if self.spatial
+            else LatentPooling(
+                width,
+                config.heads,
+                config.num_latents,
+                config.pooling_layers,
+                config.mlp,
+                config.mlp_ratio,
+                config.dropout,
             )
-            self.to_latent = nn.Identity()
-
+        )
+        code_dim = quantizer_dim(config.quantizer, width)
+        self.to_latent = nn.Linear(width, code_dim) if code_dim != width else nn.Identity()
 
         # decoder
-        self.code_projection = nn.Linear(width, width)
+        self.code_projection = nn.Linear(code_dim, width)
         self.row_embedding = nn.Embedding(MAX_GRID_SIZE + 2, width)
         self.col_embedding = nn.Embedding(MAX_GRID_SIZE + 2, width)
         if self.spatial:
@@ -130,7 +139,7 @@ class GridDVAE(nn.Module):
         # built after the GPT-2 init: a quantizer keeps its own initialisation, which its
         # rounding or codebook scale depends on (an FSQ projection at std 0.02 rounds to 0)
         num_slots = None if self.spatial else config.num_latents
-        self.quantizer = build_quantizer(config.quantizer, width, num_slots)
+        self.quantizer = build_quantizer(config.quantizer, code_dim, num_slots)
 
     # ----------------------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor, height: int, width: int):
@@ -235,6 +244,47 @@ class GridDVAE(nn.Module):
         cell_logits = unpatchify(logits, hp, wp, self.output_patch, canvas_height, canvas_width)
         return cell_logits, height_logits, width_logits
 
+    def covered_cells(self, encoded: Encoded, canvas_height: int, canvas_width: int):
+        """[B, L] True at canvas cells that lie in one of the grid's own code patches (spatial);
+        every cell for the pooled layout, whose decoder can be queried anywhere."""
+        batch = encoded.latent_padding.shape[0]
+        if not self.spatial:
+            return torch.ones(
+                batch,
+                canvas_height * canvas_width,
+                dtype=torch.bool,
+                device=encoded.latent_padding.device,
+            )
+        p = self.output_patch
+        hp, wp = -(-canvas_height // p), -(-canvas_width // p)
+        inside = (~encoded.latent_padding).view(batch, hp * wp, 1, 1).expand(-1, -1, p * p, 1)
+        return unpatchify(inside, hp, wp, p, canvas_height, canvas_width).squeeze(-1)
+
+    def predict(self, output: GridDVAEOutput, canvas_width: int, sizes_from_cells: bool):
+        """Colours [B, L] (argmax over the ten colours) and sizes [B, 2] of the decoded grids.
+
+        With ``sizes_from_cells`` (spatial layout, trained with PAD/EOS weight > 0) a grid's size
+        is read off its decoded cells: the rows whose first cell is not PAD, and the column of
+        the first EOS in row 0 (the first PAD without EOS). Otherwise the size heads decide.
+        """
+        colours = output.cell_logits[..., : self.vocab.num_colours].argmax(-1)
+        head_sizes = (
+            torch.stack([output.height_logits.argmax(-1), output.width_logits.argmax(-1)], dim=-1)
+            + 1
+        )
+        if not (self.spatial and sizes_from_cells):
+            return colours, head_sizes
+        batch = colours.shape[0]
+        tokens = output.cell_logits.argmax(-1).view(batch, -1, canvas_width)  # [B, H, W]
+        covered = output.covered.view(batch, -1, canvas_width)
+        inside = (tokens != self.vocab.pad_id) & covered  # [B, H, W]
+        height = inside[:, :, 0].long().cumprod(dim=1).sum(dim=1)  # leading non-PAD rows
+        end = self.vocab.eos_id if self.eos else self.vocab.pad_id
+        row_open = ((tokens[:, 0] != end) & inside[:, 0]).long().cumprod(dim=1)  # [B, W]
+        width = row_open.sum(dim=1)
+        sizes = torch.stack([height, width], dim=-1).clamp(1, MAX_GRID_SIZE)
+        return colours, sizes
+
     def forward(self, batch: Batch, **schedule_values: float) -> GridDVAEOutput:
         encoded = self.encode(batch, **schedule_values)
         cell_logits, height_logits, width_logits = self.decode(
@@ -245,7 +295,8 @@ class GridDVAE(nn.Module):
             batch.canvas_width,
             batch.pad_mask,
         )
-        return GridDVAEOutput(cell_logits, height_logits, width_logits, encoded)
+        covered = self.covered_cells(encoded, batch.canvas_height, batch.canvas_width)
+        return GridDVAEOutput(cell_logits, height_logits, width_logits, encoded, covered)
 
     @property
     def codes_per_grid(self) -> str:

@@ -34,9 +34,14 @@ class TrainingProgress(L.Callback):
         if self.show_bar and trainer.is_global_zero:
             interactive = sys.stderr.isatty()
             self.bar = tqdm(
-                total=trainer.max_steps, initial=trainer.global_step, desc="train",
-                unit="step", dynamic_ncols=True, mininterval=0.2 if interactive else 15.0,
-                file=sys.stderr, leave=True,
+                total=trainer.max_steps,
+                initial=trainer.global_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=0.2 if interactive else 15.0,
+                file=sys.stderr,
+                leave=True,
             )
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -47,7 +52,9 @@ class TrainingProgress(L.Callback):
         self.grids += len(batch)
         self.train_seconds += elapsed
         rate = len(batch) / max(elapsed, 1e-9)
-        self._recent_rate = rate if self._recent_rate is None else 0.9 * self._recent_rate + 0.1 * rate
+        self._recent_rate = (
+            rate if self._recent_rate is None else 0.9 * self._recent_rate + 0.1 * rate
+        )
         if self.bar is not None:
             self.bar.update(trainer.global_step - self.bar.n)
             metrics = trainer.callback_metrics
@@ -88,18 +95,26 @@ class ReconstructionImages(L.Callback):
 
     def on_validation_end(self, trainer, module) -> None:
         step = trainer.global_step
-        if (trainer.sanity_checking or not trainer.is_global_zero or self.every <= 0
-                or (self.last_step is not None and step - self.last_step < self.every)):
+        if (
+            trainer.sanity_checking
+            or not trainer.is_global_zero
+            or self.every <= 0
+            or (self.last_step is not None and step - self.last_step < self.every)
+        ):
             return
         self.last_step = step
         batch = self.batch.to(module.device)
         was_training = module.training
         module.eval()
-        grids = reconstruct(module.model, batch, **module.schedule_values(step))
+        grids = reconstruct(
+            module.model, batch, module.config.loss.pad_weight, **module.schedule_values(step)
+        )
         module.train(was_training)
         originals = batch_to_grids(batch.tokens, batch.shapes, batch.canvas_width)
         count = min(self.num_grids, len(originals))
         save_reconstructions(
-            originals[:count], grids[:count], self.folder / f"reconstructions_step{step:07d}.png",
+            originals[:count],
+            grids[:count],
+            self.folder / f"reconstructions_step{step:07d}.png",
             title=f"step {step}",
         )
