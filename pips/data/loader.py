@@ -55,6 +55,22 @@ class GridBatches(torch.utils.data.Dataset):
         return self.augmenter(grids, np.random.default_rng(list(rng_key)))
 
 
+class GridDataLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose position in the epoch is saved and restored with a checkpoint.
+
+    Lightning stores ``state_dict()`` of a stateful train loader in the checkpoint and calls
+    ``load_state_dict`` on resume, so a run stopped mid-epoch continues with the very next batch.
+    The position counts batches handed out by the sampler, which equals the batches trained on
+    when ``num_workers=0``; worker prefetching can make it run a few batches ahead.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
 def make_dataloader(
     records: Sequence[GridRecord] | Sequence[np.ndarray],
     batch_size: int,
@@ -89,7 +105,7 @@ def make_dataloader(
         rank=rank,
     )
     canvas_size = (MAX_GRID_SIZE, MAX_GRID_SIZE) if pad_to_max else None
-    return torch.utils.data.DataLoader(
+    return GridDataLoader(
         dataset,
         batch_sampler=batch_sampler,
         collate_fn=partial(collate_grids, eos=eos, vocab=vocab, canvas_size=canvas_size),

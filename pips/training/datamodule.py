@@ -35,14 +35,23 @@ class GridDataModule(L.LightningDataModule):
     def periodic_val_records(self) -> list[GridRecord]:
         """The validation grids seen during training (the final evaluation uses them all)."""
         limit = self.config.max_val_samples
-        return self.val_records if limit is None else self.val_records[:limit]
+        if limit is None or limit >= len(self.val_records):
+            return self.val_records
+        stride = len(self.val_records) / limit  # spread over all tasks, deterministically
+        return [self.val_records[int(i * stride)] for i in range(limit)]
 
     def train_dataloader(self) -> DataLoader:
         config = self.config
         augmenter = GridAugmenter(config.colour_permutation, config.keep_black, config.dihedral)
         return make_dataloader(
-            self.train_records, config.batch_size, shuffle=True, seed=self.seed, eos=config.eos,
-            augmenter=augmenter, bucket=config.bucket, num_workers=config.num_workers,
+            self.train_records,
+            config.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            eos=config.eos,
+            augmenter=augmenter,
+            bucket=config.bucket,
+            num_workers=config.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -50,6 +59,12 @@ class GridDataModule(L.LightningDataModule):
 
     def eval_dataloader(self, records: list[GridRecord]) -> DataLoader:
         return make_dataloader(
-            records, self.config.val_batch_size, shuffle=False, seed=self.seed,
-            eos=self.config.eos, augmenter=None, bucket=True, num_workers=0,
+            records,
+            self.config.val_batch_size,
+            shuffle=False,
+            seed=self.seed,
+            eos=self.config.eos,
+            augmenter=None,
+            bucket=True,
+            num_workers=0,
         )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
+
 import lightning as L
+import numpy as np
 import torch
 
 from pips.config import Config, to_dict
 from pips.data.batch import Batch
-from pips.evaluation.metrics import ReconstructionMetrics, predict_grids
+from pips.evaluation.evaluate import predict, update_metrics
+from pips.evaluation.metrics import ReconstructionMetrics
 from pips.losses import cell_weights, shape_cross_entropy, weighted_cross_entropy
 from pips.models.grid_dvae import GridDVAE, GridDVAEOutput
 from pips.schedules import Schedule
@@ -40,10 +44,12 @@ class GridDVAEModule(L.LightningModule):
     def compute_losses(self, output: GridDVAEOutput, batch: Batch, quantizer_weight: float):
         loss_config = self.config.loss
         grid_mask = batch.grid_mask
+        # PAD/EOS weigh pad_weight; cells outside the grid's own code patches carry no signal
+        weights = cell_weights(grid_mask, loss_config.pad_weight) * output.covered
         cells = weighted_cross_entropy(
             output.cell_logits,
             batch.tokens,
-            cell_weights(grid_mask, loss_config.pad_weight),
+            weights,
             loss_config.focal_gamma,
             loss_config.label_smoothing,
         )
@@ -58,10 +64,7 @@ class GridDVAEModule(L.LightningModule):
         losses = self.compute_losses(output, batch, values["quantizer_weight"])
         if (self.global_step + 1) % self.config.trainer.log_every == 0 or self.global_step == 0:
             with torch.no_grad():
-                colours, _ = predict_grids(
-                    output.cell_logits, output.height_logits, output.width_logits,
-                    self.model.vocab.num_colours,
-                )
+                colours, _ = predict(self.model, output, batch, self.config.loss.pad_weight)
                 mask = batch.grid_mask
                 accuracy = ((colours == batch.tokens) & mask).sum() / mask.sum()
             logs = {f"train/loss_{name}": value.detach() for name, value in losses.items()}
@@ -81,13 +84,31 @@ class GridDVAEModule(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         output = self(batch, **self.schedule_values(self.global_step))
         losses = self.compute_losses(output, batch, 0.0)
-        update_metrics(self.val_metrics, self.model, output, batch)
+        update_metrics(self.val_metrics, self.model, output, batch, self.config.loss.pad_weight)
         self.log("val/loss_cells", losses["cells"], batch_size=len(batch))
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()
         metrics.pop("grids", None)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
+
+    # ----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the random streams, so a resumed run draws the same noise it would have drawn."""
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {  # plain types and tensors: loadable with weights_only=True
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            kind, keys, position, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+            random.setstate(states["python"])
 
     # ----------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -102,21 +123,15 @@ class GridDVAEModule(L.LightningModule):
         ]
         # lr=1 and a LambdaLR returning the scheduled value: the Schedule is the learning rate
         optimizer = torch.optim.AdamW(
-            groups, lr=1.0, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+            groups,
+            lr=1.0,
+            betas=(optim.beta1, optim.beta2),
+            eps=optim.eps,
             fused=torch.cuda.is_available() and self.config.trainer.accelerator != "cpu",
         )
         lr = self.schedules["lr"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr(step))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def update_metrics(metrics: ReconstructionMetrics, model: GridDVAE, output: GridDVAEOutput,
-                   batch: Batch) -> None:
-    colours, sizes = predict_grids(
-        output.cell_logits, output.height_logits, output.width_logits, model.vocab.num_colours
-    )
-    metrics.update(
-        colours, sizes, batch.tokens, batch.grid_mask, batch.shapes,
-        output.encoded.quantizer.indices, output.encoded.latent_padding,
-        slotted=not model.spatial,
-    )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from pips.config import Config, ConfigError, load_config, save_config
 from pips.data.batch import Batch, collate_grids
@@ -25,6 +25,7 @@ from pips.evaluation.evaluate import evaluate
 from pips.training.callbacks import ReconstructionImages, TrainingProgress
 from pips.training.checkpoint_io import AtomicCheckpointIO
 from pips.training.datamodule import GridDataModule
+from pips.training.loggers import RunCSVLogger
 from pips.training.module import GridDVAEModule
 
 SUMMARY_KEYS = ("cell_accuracy", "grid_accuracy", "codebook_perplexity", "bits_per_grid")
@@ -75,14 +76,18 @@ def _build_trainer(
     callbacks = [
         progress,
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", filename="best-step{step}",
-            auto_insert_metric_name=False, monitor="val/cell_accuracy", mode="max",
-            save_top_k=1, save_last=True,
+            dirpath=run_dir / "checkpoints",
+            filename="best-step{step}",
+            auto_insert_metric_name=False,
+            monitor="val/cell_accuracy",
+            mode="max",
+            save_top_k=1,
+            save_last=True,
         ),
         ReconstructionImages(run_dir / "images", trainer_config.image_every, image_batch),
     ]
     loggers = [
-        CSVLogger(run_dir, name="", version=""),
+        RunCSVLogger(run_dir),
         TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
     ]
     max_time = None
@@ -137,9 +142,15 @@ def fit(config: Config, run_dir: Path, ckpt_path: Path | None = None) -> dict:
     summary = {"status": "finished", "steps": trainer.global_step}
     if trainer.is_global_zero:
         final = evaluate(
-            module.model, datamodule.eval_dataloader(datamodule.val_records), module.device,
+            module.model,
+            datamodule.eval_dataloader(datamodule.val_records),
+            module.device,
+            config.loss.pad_weight,
             **module.schedule_values(trainer.global_step),
         )
+        for logger in trainer.loggers:  # the full-split numbers beside the periodic ones
+            logger.log_metrics({f"final/{k}": v for k, v in final.items()}, trainer.global_step)
+            logger.save()
         summary.update({key: final[key] for key in SUMMARY_KEYS})
         summary.update({f"val_{k}": v for k, v in final.items() if k not in SUMMARY_KEYS})
         previous = _read_summary(run_dir)
@@ -170,11 +181,15 @@ def resume(run_dir: str | Path, overrides: list[str]) -> tuple[Path, dict]:
     config_path = run_dir / "config.yaml"
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if not config_path.is_file():
-        raise RunError(f"{run_dir} is not a run folder (no config.yaml); give the folder that "
-                       f"`pips train` printed")
+        raise RunError(
+            f"{run_dir} is not a run folder (no config.yaml); give the folder that "
+            f"`pips train` printed"
+        )
     if not checkpoint.is_file():
-        raise RunError(f"{run_dir} has no checkpoints/last.ckpt to resume from; start a new run "
-                       f"with `pips train`")
+        raise RunError(
+            f"{run_dir} has no checkpoints/last.ckpt to resume from; start a new run "
+            f"with `pips train`"
+        )
     config = load_config(config_path, overrides)
     config.name = run_dir.name
     config.run_root = str(run_dir.parent)
