@@ -1,0 +1,251 @@
+"""The grid DVAE: shapes, batch independence (padding masks), overfitting, every quantizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pips.config import QUANTIZER_KINDS, load_config
+from pips.data import MAX_GRID_SIZE, VOCAB, collate_grids, load_grids
+from pips.evaluation.evaluate import reconstruct
+from pips.evaluation.metrics import predict_grids
+from pips.models.grid_dvae import GridDVAE
+from pips.training.module import GridDVAEModule
+
+SMALL_MODEL = [
+    "model.width=32",
+    "model.heads=2",
+    "model.encoder_layers=1",
+    "model.decoder_layers=1",
+    "model.num_latents=6",
+    "model.quantizer.codebook_size=32",
+    "model.quantizer.levels=[5,5,5]",
+    "model.quantizer.num_stages=2",
+    "model.quantizer.groups=2",
+]
+
+
+def _model(*overrides: str, seed: int = 0) -> GridDVAE:
+    torch.manual_seed(seed)
+    return GridDVAE(load_config(overrides=[*SMALL_MODEL, *overrides]).model)
+
+
+def _module(*overrides: str, seed: int = 0) -> GridDVAEModule:
+    torch.manual_seed(seed)
+    return GridDVAEModule(load_config(overrides=[*SMALL_MODEL, *overrides]))
+
+
+@pytest.fixture(scope="module")
+def arc_grids() -> list[np.ndarray]:
+    return [record.grid for record in load_grids("arc1", "training", max_samples=200)]
+
+
+@pytest.fixture(scope="module")
+def small_grids(arc_grids) -> list[np.ndarray]:
+    """8 small ARC grids of mixed sizes (at most 6x6)."""
+    grids = [g for g in arc_grids if max(g.shape) <= 6][:8]
+    assert len(grids) == 8 and len({g.shape for g in grids}) > 2
+    return grids
+
+
+@pytest.fixture(scope="module")
+def large_grids(arc_grids) -> list[np.ndarray]:
+    return sorted(arc_grids, key=lambda g: -g.size)[:2]
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("patch_tokens", [False, True])
+@pytest.mark.parametrize("patch_size", [2, 3])
+def test_spatial_output_shapes(small_grids, patch_tokens, patch_size):
+    model = _model(
+        "model.layout=spatial",
+        f"model.patch_tokens={patch_tokens}",
+        f"model.patch_size={patch_size}",
+    )
+    batch = collate_grids(small_grids[:4])  # canvas: largest height x (largest width + EOS)
+    output = model(batch)
+    rows = -(-batch.canvas_height // patch_size)
+    cols = -(-batch.canvas_width // patch_size)
+    assert output.cell_logits.shape == (4, batch.canvas_height * batch.canvas_width, VOCAB.size)
+    assert output.height_logits.shape == output.width_logits.shape == (4, MAX_GRID_SIZE)
+    encoded = output.encoded
+    assert encoded.latents.shape == (4, rows * cols, 32)
+    assert encoded.quantizer.quantized.shape == encoded.latents.shape
+    assert encoded.quantizer.indices.shape == (4, rows * cols)
+    assert encoded.latent_positions.shape == (4, rows * cols, 2)
+    assert encoded.latent_padding.shape == (4, rows * cols)
+    # a latent is padding exactly when its patch holds no cell and no EOS of its grid
+    first = small_grids[0].shape
+    expected = (-(-first[0] // patch_size)) * (-(-(first[1] + 1) // patch_size))
+    assert int((~encoded.latent_padding[0]).sum()) == expected
+
+
+@pytest.mark.parametrize("patch_tokens", [False, True])
+def test_pooled_output_shapes(small_grids, patch_tokens):
+    model = _model("model.layout=pooled", f"model.patch_tokens={patch_tokens}")
+    batch = collate_grids(small_grids[:4])
+    output = model(batch)
+    assert output.cell_logits.shape == (4, batch.canvas_height * batch.canvas_width, VOCAB.size)
+    assert output.height_logits.shape == output.width_logits.shape == (4, MAX_GRID_SIZE)
+    assert output.encoded.latents.shape == (4, 6, 32)
+    assert output.encoded.quantizer.indices.shape == (4, 6)
+    assert not output.encoded.latent_padding.any()
+
+
+def test_pooled_code_string_has_the_same_length_for_any_grid_size(small_grids, large_grids):
+    model = _model("model.layout=pooled").eval()
+    with torch.no_grad():
+        small = model(collate_grids(small_grids[:1])).encoded.quantizer.indices
+        large = model(collate_grids(large_grids[:1])).encoded.quantizer.indices
+    assert small.shape == large.shape == (1, 6)
+
+
+# ----------------------------------------------------------------------------- batch independence
+
+
+@pytest.mark.parametrize(
+    "layout, patch_tokens, kind",
+    [
+        ("spatial", False, "fsq"),
+        ("spatial", True, "fsq"),
+        ("pooled", False, "fsq"),
+        ("pooled", True, "fsq"),
+        ("spatial", False, "vq"),
+        ("pooled", False, "gumbel"),
+    ],
+)
+def test_codes_do_not_depend_on_the_other_grids_in_the_batch(
+    small_grids, large_grids, layout, patch_tokens, kind
+):
+    model = _model(
+        f"model.layout={layout}",
+        f"model.patch_tokens={patch_tokens}",
+        f"model.quantizer.kind={kind}",
+    ).eval()
+    grid = small_grids[0]
+    with torch.no_grad():
+        alone = model(collate_grids([grid]))
+        crowded_batch = collate_grids([large_grids[0], grid, large_grids[1]])
+        crowded = model(crowded_batch)
+    a, b = alone.encoded, crowded.encoded
+    keep_a, keep_b = ~a.latent_padding[0], ~b.latent_padding[1]
+    # the same latents, in the same (row, col) places, with the same codes
+    assert a.latent_positions[0][keep_a].tolist() == b.latent_positions[1][keep_b].tolist()
+    assert torch.equal(a.quantizer.indices[0][keep_a], b.quantizer.indices[1][keep_b])
+    torch.testing.assert_close(a.latents[0][keep_a], b.latents[1][keep_b], atol=1e-5, rtol=1e-5)
+    # and the decoder reads the same cells and size from them
+    height, width = grid.shape
+    cells_alone = alone.cell_logits[0].view(height, width + 1, -1)  # its own canvas + EOS
+    cells_crowded = crowded.cell_logits[1].view(
+        crowded_batch.canvas_height, crowded_batch.canvas_width, -1
+    )
+    torch.testing.assert_close(
+        cells_alone[:height, :width], cells_crowded[:height, :width], atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        alone.height_logits[0], crowded.height_logits[1], atol=1e-4, rtol=1e-4
+    )
+
+
+# ----------------------------------------------------------------------------- every quantizer
+
+
+@pytest.mark.parametrize("layout", ["spatial", "pooled"])
+@pytest.mark.parametrize("kind", QUANTIZER_KINDS)
+def test_every_quantizer_trains_in_both_layouts(small_grids, kind, layout):
+    module = _module(f"model.layout={layout}", f"model.quantizer.kind={kind}")
+    module.train()
+    batch = collate_grids(small_grids[:4])
+    values = module.schedule_values(0)
+    output = module(batch, **values)
+    losses = module.compute_losses(output, batch, values["quantizer_weight"])
+    assert all(torch.isfinite(loss) for loss in losses.values()), losses
+    losses["total"].backward()
+    grads = [p.grad for p in module.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # the encoder is reached through the quantizer's estimator
+    assert module.model.token_embedding.weight.grad is not None
+    assert module.model.token_embedding.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- overfitting
+
+
+def _overfit(module: GridDVAEModule, batch, max_steps: int, lr: float = 5e-3):
+    """Adam on one batch until eval-mode cell accuracy and sizes are perfect; returns the step."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+    mask = batch.grid_mask
+    for step in range(1, max_steps + 1):
+        module.train()
+        output = module(batch)
+        loss = module.compute_losses(output, batch, 1.0)["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            module.eval()
+            with torch.no_grad():
+                output = module(batch)
+            colours, sizes = predict_grids(
+                output.cell_logits, output.height_logits, output.width_logits, VOCAB.num_colours
+            )
+            accuracy = float(((colours == batch.tokens) & mask).sum() / mask.sum())
+            if accuracy == 1.0 and torch.equal(sizes, batch.shapes):
+                return step, float(loss.detach())
+    return None, float(loss.detach())
+
+
+@pytest.fixture(scope="module")
+def overfit_fsq(small_grids):
+    module = _module(
+        "model.width=64",
+        "model.patch_size=1",
+        "model.quantizer.kind=fsq",
+        "model.quantizer.levels=[8,8,8]",
+    )
+    batch = collate_grids(small_grids)
+    steps, loss = _overfit(module, batch, max_steps=300)
+    return module, batch, steps, loss
+
+
+def test_loss_falls_to_near_zero_when_overfitting_one_batch_without_quantizer(small_grids):
+    module = _module("model.width=64", "model.patch_size=1", "model.quantizer.kind=none")
+    steps, loss = _overfit(module, collate_grids(small_grids), max_steps=200)
+    assert steps is not None, f"not perfect after 200 steps; loss {loss:.3f}"
+    assert loss < 0.5
+
+
+def test_loss_falls_to_near_zero_when_overfitting_one_batch_with_fsq(overfit_fsq):
+    _, _, steps, loss = overfit_fsq
+    assert steps is not None, f"not perfect after 300 steps; loss {loss:.3f}"
+    assert loss < 0.5
+
+
+def test_reconstruct_after_overfitting_returns_the_original_grids(overfit_fsq, small_grids):
+    module, batch, steps, _ = overfit_fsq
+    assert steps is not None
+    module.eval()
+    grids = reconstruct(module.model, batch)
+    assert len(grids) == len(small_grids)
+    for rebuilt, original in zip(grids, small_grids, strict=True):
+        np.testing.assert_array_equal(rebuilt, original)
+
+
+# ----------------------------------------------------------------------------- reconstruct
+
+
+@pytest.mark.parametrize("layout", ["spatial", "pooled"])
+def test_reconstruct_returns_grids_of_the_predicted_sizes(small_grids, layout):
+    model = _model(f"model.layout={layout}", seed=3).eval()
+    batch = collate_grids(small_grids)
+    with torch.no_grad():
+        output = model(batch)
+    _, sizes = predict_grids(
+        output.cell_logits, output.height_logits, output.width_logits, VOCAB.num_colours
+    )
+    grids = reconstruct(model, batch)
+    assert [g.shape for g in grids] == [tuple(s) for s in sizes.tolist()]
+    assert all(g.min() >= 0 and g.max() < VOCAB.num_colours for g in grids)
