@@ -12,18 +12,18 @@ from pips.config import ConfigError, describe_options
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     help="PIPS: learn discrete codes of ARC grids (and more). Each verb has its own --help.",
 )
 
 
 def _options_table() -> str:
     lines = [
-        "[bold]Config keys[/bold] (set with key.sub=value; a schedule also takes "
-        "key.start=, key.end=, key.kind=, key.steps=, key.warmup=):\n\n"
+        "**Config keys** (set with key.sub=value; a schedule also takes key.start=, key.end=, "
+        "key.kind=, key.steps=, key.warmup=):\n\n"
     ]
     for key, default, help_text in describe_options():
-        lines.append(f"[cyan]{key}[/cyan] = {default}  {help_text}\n\n")
+        lines.append(f"- `{key}` = {default}  {help_text}\n")
     return "".join(lines)
 
 

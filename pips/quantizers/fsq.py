@@ -49,6 +49,12 @@ class FSQ(Quantizer):
         self.register_buffer("_levels", levels_tensor, persistent=False)
         self.register_buffer("_half_width", (levels_tensor // 2), persistent=False)
         self.register_buffer("_basis", basis, persistent=False)
+        # the bound's constants, computed once: scale, the even-level offset and its tanh shift
+        half_level = (levels_tensor - 1) * (1 - eps) / 2
+        offset = torch.where(levels_tensor % 2 == 1, 0.0, 0.5)
+        self.register_buffer("_half_level", half_level, persistent=False)
+        self.register_buffer("_offset", offset, persistent=False)
+        self.register_buffer("_shift", torch.tan(offset / half_level), persistent=False)
 
         needs_projection = self.dim != self.num_channels
         self.project_in = (
@@ -64,10 +70,7 @@ class FSQ(Quantizer):
         The shift makes ``bound(0) == 0`` up to O(eps) for even levels; like the reference code it
         uses ``tan`` (≈ ``atanh`` at these arguments).
         """
-        half_level = (self._levels - 1) * (1 - self.eps) / 2
-        offset = torch.where(self._levels % 2 == 1, 0.0, 0.5)
-        shift = torch.tan(offset / half_level)
-        return torch.tanh(z + shift) * half_level - offset
+        return torch.tanh(z + self._shift) * self._half_level - self._offset
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """Round the bounded ``z`` to the grid (straight-through) and rescale to ``[-1, 1]``."""

@@ -25,6 +25,7 @@ class TrainingProgress(L.Callback):
         self.train_seconds = 0.0
         self._step_start = None
         self._recent_rate = None
+        self._recent_loss = None
 
     @property
     def grids_per_second(self) -> float:
@@ -58,7 +59,11 @@ class TrainingProgress(L.Callback):
         if self.bar is not None:
             self.bar.update(trainer.global_step - self.bar.n)
             metrics = trainer.callback_metrics
-            postfix = {"loss": f"{float(outputs['loss']):.3f}"}
+            loss = float(outputs["loss"])
+            self._recent_loss = (
+                loss if self._recent_loss is None else 0.9 * self._recent_loss + 0.1 * loss
+            )
+            postfix = {"loss": f"{self._recent_loss:.3f}"}  # smoothed over ~10 steps
             if "train/cell_accuracy" in metrics:
                 postfix["cell_acc"] = f"{float(metrics['train/cell_accuracy']):.3f}"
             postfix["grids/s"] = f"{self._recent_rate:.0f}"
