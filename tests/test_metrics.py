@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pips.data import VOCAB, collate_grids
-from pips.evaluation.metrics import ReconstructionMetrics, perplexity, predict_grids
+from pips.evaluation.metrics import ReconstructionMetrics, perplexity
+from pips.models.grid_dvae import predict_grids
 
 # ----------------------------------------------------------------------------- perplexity
 

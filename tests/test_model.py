@@ -9,8 +9,7 @@ import torch
 from pips.config import QUANTIZER_KINDS, load_config
 from pips.data import MAX_GRID_SIZE, VOCAB, collate_grids, load_grids
 from pips.evaluation.evaluate import reconstruct
-from pips.evaluation.metrics import predict_grids
-from pips.models.grid_dvae import GridDVAE
+from pips.models.grid_dvae import GridDVAE, predict_grids
 from pips.training.module import GridDVAEModule
 
 SMALL_MODEL = [

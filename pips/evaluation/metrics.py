@@ -20,13 +20,6 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     return entropy.exp2()
 
 
-def predict_grids(cell_logits, height_logits, width_logits, num_colours: int):
-    """Colour predictions [B, L] (argmax over colours only) and sizes [B, 2]."""
-    colours = cell_logits[..., :num_colours].argmax(-1)
-    sizes = torch.stack([height_logits.argmax(-1), width_logits.argmax(-1)], dim=-1) + 1
-    return colours, sizes
-
-
 class ReconstructionMetrics:
     """Sums over batches: cells right, grids exact, sizes right, code usage per slot."""
 

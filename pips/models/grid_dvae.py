@@ -66,6 +66,13 @@ def unpatchify(values: torch.Tensor, hp: int, wp: int, patch: int, height: int, 
     return board.reshape(batch, height * width, channels)
 
 
+def predict_grids(cell_logits, height_logits, width_logits, num_colours: int):
+    """Colour predictions [B, L] (argmax over colours only) and head sizes [B, 2] (1-based)."""
+    colours = cell_logits[..., :num_colours].argmax(-1)
+    sizes = torch.stack([height_logits.argmax(-1), width_logits.argmax(-1)], dim=-1) + 1
+    return colours, sizes
+
+
 def grid_positions(hp: int, wp: int, device: torch.device) -> torch.Tensor:
     """[Hp*Wp, 2] (row, col) coordinates of a Hp x Wp board, row-major."""
     rows, cols = torch.meshgrid(
@@ -267,10 +274,8 @@ class GridDVAE(nn.Module):
         is read off its decoded cells: the rows whose first cell is not PAD, and the column of
         the first EOS in row 0 (the first PAD without EOS). Otherwise the size heads decide.
         """
-        colours = output.cell_logits[..., : self.vocab.num_colours].argmax(-1)
-        head_sizes = (
-            torch.stack([output.height_logits.argmax(-1), output.width_logits.argmax(-1)], dim=-1)
-            + 1
+        colours, head_sizes = predict_grids(
+            output.cell_logits, output.height_logits, output.width_logits, self.vocab.num_colours
         )
         if not (self.spatial and sizes_from_cells):
             return colours, head_sizes
