@@ -302,9 +302,3 @@ class GridDVAE(nn.Module):
         )
         covered = self.covered_cells(encoded, batch.canvas_height, batch.canvas_width)
         return GridDVAEOutput(cell_logits, height_logits, width_logits, encoded, covered)
-
-    @property
-    def codes_per_grid(self) -> str:
-        if self.spatial:
-            return f"one per {self.config.patch_size}x{self.config.patch_size} patch"
-        return str(self.config.num_latents)

@@ -227,7 +227,6 @@ class GridDVAEModule(L.LightningModule):
         total, logs = self.train_losses(batch, step, with_logs)
         if logs:
             self.log_dict(logs, batch_size=len(batch))
-        self.last_train_loss = total.detach()
         return total
 
     # ----------------------------------------------------------------------------------------
