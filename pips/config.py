@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,6 +130,13 @@ class ModelConfig:
     decoder_layers: int = option(2, "decoder transformer blocks", min=1)
     pooling_layers: int = option(1, "pooled: stacked cross-attention pooling blocks", min=1)
     num_latents: int = option(16, "pooled: latent slots (codes) per grid", min=1)
+    slots: str = option(
+        "learned",
+        "pooled: learned = slot queries that attend anywhere; regions = a sqrt(N) x sqrt(N) grid "
+        "of slots, each starting from the mean of its region of the grid (scaled to the grid's "
+        "size) and seeding the decoder's cells in that region",
+        ("learned", "regions"),
+    )
     patch_size: int = option(2, "spatial: cells per code along each side", min=1, max=30)
     patch_tokens: bool = option(False, "spatial: embed p x p patches as encoder tokens")
     mlp: str = option("swiglu", "transformer MLP", ("swiglu", "gelu"))
@@ -538,6 +546,13 @@ def check_config(config: Config) -> None:
         raise ConfigError(
             f"config key 'model.quantizer.levels' needs at least one level and each >= 2; got "
             f"{model.quantizer.levels}"
+        )
+    side = math.isqrt(model.num_latents)
+    if model.layout == "pooled" and model.slots == "regions" and side * side != model.num_latents:
+        raise ConfigError(
+            f"config key 'model.num_latents' must be a square number with model.slots=regions "
+            f"(a side x side grid of slots); got {model.num_latents}, e.g. "
+            f"model.num_latents={max(side, 1) ** 2} or {(side + 1) ** 2}"
         )
     _check_losses(config)
 

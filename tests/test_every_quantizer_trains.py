@@ -42,3 +42,42 @@ def test_every_quantizer_trains_with_pips_train(kind, layout, task_folder, tmp_p
     else:
         assert summary["bits_per_grid"] > 0
         assert summary["codebook_perplexity"] >= 1.0
+
+
+def test_a_run_with_latent_terms_plots_their_trajectories(task_folder, tmp_path, cli):
+    result = cli(
+        "train",
+        TINY_CONFIG,
+        f"run_root={tmp_path}",
+        "name=terms",
+        f"data.source={task_folder}",
+        "data.val_fraction=0.2",
+        "model.layout=pooled",
+        "model.slots=regions",
+        "model.num_latents=4",
+        "model.quantizer.kind=gumbel",
+        "model.quantizer.codebook_size=16",
+        "loss.tc={kind: linear, start: 0, end: 0.1}",
+        "loss.mi=0.01",
+        "loss.batch_diversity=0.1",
+        "trainer.max_steps=6",
+        "trainer.val_every=3",
+        "trainer.image_every=3",
+        "trainer.log_every=1",
+        "trainer.progress=false",
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    run_dir = tmp_path / "terms"
+    from pips.evaluation.plots import read_metrics
+
+    series = read_metrics(run_dir / "metrics.csv")
+    for key in ("loss/tc", "loss/mi", "loss/dwkl", "loss/batch_diversity", "weight/tc"):
+        assert len(series[key][0]) == 6, key  # every step (log_every=1)
+    steps, weights = series["weight/tc"]
+    assert weights[0] == 0 and weights[-1] > weights[0]  # the linear ramp
+    picture = run_dir / "images" / "loss_terms.png"
+    assert picture.is_file()
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(picture).shape
+    assert height > 400 and width > 400  # four panels drawn

@@ -94,6 +94,54 @@ def test_pooled_output_shapes(small_grids, patch_tokens):
     assert not output.encoded.latent_padding.any()
 
 
+def test_region_slots_start_from_their_regions_and_seed_their_cells(small_grids, large_grids):
+    model = _model("model.layout=pooled", "model.slots=regions", "model.num_latents=9")
+    batch = collate_grids([large_grids[0], small_grids[0]])
+    output = model(batch)
+    assert output.encoded.quantizer.indices.shape == (2, 9)
+    # the decoder's bottom-right cell of a grid (its last EOS; regions span the EOS column too)
+    # sees the bottom-right slot in its seeded query and every slot through cross-attention:
+    # its gradient with respect to that slot's latent is the largest
+    latents = output.encoded.latents.detach().requires_grad_(True)
+    cells, _, _ = model.decode(
+        latents,
+        output.encoded.latent_positions,
+        output.encoded.latent_padding,
+        batch.canvas_height,
+        batch.canvas_width,
+        batch.pad_mask,
+    )
+    height, width = small_grids[0].shape
+    cell = (height - 1) * batch.canvas_width + width
+    cells[1, cell].sum().backward()
+    per_slot = latents.grad[1].norm(dim=-1)  # [9]
+    assert int(per_slot.argmax()) == 8
+    assert latents.grad[0].abs().sum() == 0  # grids do not mix
+
+
+def test_region_slots_need_a_square_number_of_slots():
+    from pips.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.num_latents.*square.*model.num_latents=4 or 9"):
+        load_config(overrides=["model.layout=pooled", "model.slots=regions", "model.num_latents=6"])
+
+
+def test_region_weights_average_every_real_position_once_per_region():
+    from pips.nn.pooling import region_matrix, region_of
+
+    for length in range(1, 13):
+        weights = region_matrix(torch.tensor([length]), 12, 4)[0]  # [4, 12]
+        torch.testing.assert_close(weights.sum(-1), torch.ones(4, dtype=weights.dtype))
+        assert weights[:, length:].sum() == 0  # never padding
+        assert (weights[:, :length].sum(0) > 0).all()  # every real position is in a region
+        owner = region_of(torch.tensor([length]), 12, 4)[0]  # [12, 4]
+        assert owner[:length].sum(-1).eq(1).all() and owner[length:].sum() == 0
+        # a position's own region is one that averages it
+        assert (weights.t()[:length] * owner[:length]).sum(-1).gt(0).all()
+        # regions follow the grid in order
+        assert owner[:length].argmax(-1).diff().ge(0).all()
+
+
 def test_pooled_code_string_has_the_same_length_for_any_grid_size(small_grids, large_grids):
     model = _model("model.layout=pooled").eval()
     with torch.no_grad():
@@ -114,15 +162,19 @@ def test_pooled_code_string_has_the_same_length_for_any_grid_size(small_grids, l
         ("pooled", True, "fsq"),
         ("spatial", False, "vq"),
         ("pooled", False, "gumbel"),
+        ("regions", True, "gumbel"),
+        ("regions", False, "fsq"),
     ],
 )
 def test_codes_do_not_depend_on_the_other_grids_in_the_batch(
     small_grids, large_grids, layout, patch_tokens, kind
 ):
+    slots = ["model.slots=regions", "model.num_latents=4"] if layout == "regions" else []
     model = _model(
-        f"model.layout={layout}",
+        f"model.layout={'pooled' if layout == 'regions' else layout}",
         f"model.patch_tokens={patch_tokens}",
         f"model.quantizer.kind={kind}",
+        *slots,
     ).eval()
     grid = small_grids[0]
     with torch.no_grad():

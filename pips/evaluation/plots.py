@@ -1,7 +1,9 @@
-"""Pictures of grids in the ARC palette: input, reconstruction and the cells that differ."""
+"""Pictures: grids in the ARC palette (input, reconstruction, the cells that differ) and metric
+curves read from a run's metrics.csv."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import matplotlib
@@ -67,3 +69,66 @@ def save_reconstructions(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A run's metrics.csv -> ``{column: (steps, values)}`` for every column with a value.
+
+    Lightning's CSV logger writes one row per logging call with blanks in the other columns; a
+    resumed run appends, so a step can repeat (the later row wins when plotted in order).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    columns: dict[str, tuple[list[float], list[float]]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = row.get("step")
+            if not step:
+                continue
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+                steps, values = columns.setdefault(key, ([], []))
+                steps.append(float(step))
+                values.append(number)
+    return {key: (np.asarray(s), np.asarray(v)) for key, (s, v) in columns.items()}
+
+
+def plot_curves(
+    series: dict[str, tuple[np.ndarray, np.ndarray]],
+    panels: list[tuple[str, list[str]]],
+    path: str | Path,
+    title: str = "",
+) -> bool:
+    """One panel per ``(title, keys)``, each key a line against the step; panels with no data
+    are left out. Returns False (and writes nothing) when no panel has data."""
+    panels = [(name, [k for k in keys if k in series]) for name, keys in panels]
+    panels = [(name, keys) for name, keys in panels if keys]
+    if not panels:
+        return False
+    figure, axes = plt.subplots(
+        len(panels), 1, figsize=(6.4, 2.3 * len(panels) + 0.4), squeeze=False, sharex=True
+    )
+    for axis, (name, keys) in zip(axes[:, 0], panels, strict=True):
+        for key in keys:
+            steps, values = series[key]
+            finite = np.isfinite(values)
+            marker = "o" if finite.sum() < 20 else None
+            axis.plot(steps[finite], values[finite], label=key, marker=marker, markersize=3)
+        axis.set_title(name, fontsize=9)
+        axis.grid(alpha=0.3)
+        axis.tick_params(labelsize=7)
+        axis.legend(fontsize=6, loc="best", ncol=2 if len(keys) > 4 else 1)
+    axes[-1, 0].set_xlabel("step", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

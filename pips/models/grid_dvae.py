@@ -4,7 +4,10 @@ Two latent layouts:
 
 - ``pooled``: ``num_latents`` learned queries attend to the encoded grid (LatentPooling), each slot
   is quantized, and the decoder's cell queries cross-attend to the slot codes. The code string has
-  the same length whatever the grid's size.
+  the same length whatever the grid's size. With ``slots: regions`` the slots form a
+  ``sqrt(N) x sqrt(N)`` grid stretched over the grid whatever its size: each starts from the mean
+  of its region's encoder tokens, and its code is added to the decoder queries of that region's
+  cells before they attend to all codes.
 - ``spatial``: one code per ``patch_size x patch_size`` patch of cells (as in VQ-VAE); the decoder
   is a transformer over the patch codes whose outputs are un-patchified back into cells.
 
@@ -15,6 +18,7 @@ codes alone, so a grid can be rebuilt from its code string: first its size, then
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -25,7 +29,7 @@ from pips.config import ModelConfig
 from pips.data.batch import Batch
 from pips.data.vocab import MAX_GRID_SIZE, VOCAB, Vocabulary
 from pips.models.build import build_quantizer, quantizer_dim
-from pips.nn.pooling import LatentPooling
+from pips.nn.pooling import LatentPooling, region_matrix, region_of
 from pips.nn.rope import Rope2D
 from pips.nn.transformer import Block, init_weights
 from pips.quantizers import QuantizerOutput
@@ -91,6 +95,9 @@ class GridDVAE(nn.Module):
         self.width = width
         self.token_patch = config.patch_size if config.patch_tokens else 1
         self.spatial = config.layout == "spatial"
+        self.region_side = (
+            math.isqrt(config.num_latents) if not self.spatial and config.slots == "regions" else 0
+        )
         head_dim = width // config.heads
         block_args = dict(
             width=width,
@@ -173,7 +180,8 @@ class GridDVAE(nn.Module):
         if self.spatial:
             latents, latent_positions, latent_padding = self._pool_patches(h, padding, hp, wp)
         else:
-            latents = self.pooling(h, rope, padding)  # [B, N, D]
+            initial = self._region_means(h, padding, hp, wp) if self.region_side else None
+            latents = self.pooling(h, rope, padding, initial)  # [B, N, D]
             latent_positions = torch.zeros(
                 latents.shape[0], latents.shape[1], 2, dtype=torch.long, device=h.device
             )
@@ -201,6 +209,31 @@ class GridDVAE(nn.Module):
         latent_padding = (counts == 0).view(batch, qh * qw)
         positions = grid_positions(qh, qw, h.device).expand(batch, -1, -1)
         return latents, positions, latent_padding
+
+    def _region_sizes(self, padding: torch.Tensor, hp: int, wp: int):
+        """Rows and columns of real patches per grid, from the patch padding [B, hp * wp]."""
+        inside = ~padding.view(-1, hp, wp)
+        return inside.any(2).sum(1), inside.any(1).sum(1)  # [B], [B]
+
+    def _region_means(self, h: torch.Tensor, padding: torch.Tensor, hp: int, wp: int):
+        """Pooled ``regions`` slots: mean encoder token of each of the side x side regions."""
+        rows, cols = self._region_sizes(padding, hp, wp)
+        side = self.region_side
+        row_weights = region_matrix(rows, hp, side).to(h.dtype)  # [B, S, hp]
+        col_weights = region_matrix(cols, wp, side).to(h.dtype)  # [B, S, wp]
+        board = h.view(h.shape[0], hp, wp, -1)
+        means = torch.einsum("bri,bcj,bijd->brcd", row_weights, col_weights, board)
+        return means.reshape(h.shape[0], side * side, -1)
+
+    def _region_codes(self, codes: torch.Tensor, padding: torch.Tensor, hp: int, wp: int):
+        """[B, hp * wp, D]: each patch's own region code (zero outside the grid)."""
+        rows, cols = self._region_sizes(padding, hp, wp)
+        side = self.region_side
+        row_of = region_of(rows, hp, side).to(codes.dtype)  # [B, hp, S]
+        col_of = region_of(cols, wp, side).to(codes.dtype)  # [B, wp, S]
+        board = codes.view(codes.shape[0], side, side, -1)
+        spread = torch.einsum("bir,bjc,brcd->bijd", row_of, col_of, board)
+        return spread.reshape(codes.shape[0], hp * wp, -1)
 
     # ----------------------------------------------------------------------------------------
     def predict_shape(self, codes: torch.Tensor, latent_padding: torch.Tensor):
@@ -244,6 +277,8 @@ class GridDVAE(nn.Module):
             context = codes + self.slot_embedding
             rope = self.rope(positions.unsqueeze(0))
             h = queries
+            if self.region_side:
+                h = h + self._region_codes(codes, padding, hp, wp)
             for block in self.decoder:
                 h = block(h, rope, padding, context=context)
         h = self.decoder_norm(h)

@@ -1,4 +1,5 @@
-"""Training callbacks: a step progress bar with throughput, and reconstruction pictures."""
+"""Training callbacks: a step progress bar with throughput, reconstruction pictures, and the
+trajectories of the latent loss terms."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 
 from pips.data.batch import Batch, batch_to_grids
 from pips.evaluation.evaluate import reconstruct
-from pips.evaluation.plots import save_reconstructions
+from pips.evaluation.plots import plot_curves, read_metrics, save_reconstructions
 
 
 class TrainingProgress(L.Callback):
@@ -123,3 +124,58 @@ class ReconstructionImages(L.Callback):
             self.folder / f"reconstructions_step{step:07d}.png",
             title=f"step {step}",
         )
+
+
+class TermCurves(L.Callback):
+    """``images/loss_terms.png``: each latent term (``loss/kl``, ``loss/tc``, ...), its weight and
+    the reconstruction loss against the step, read back from the run's metrics.csv. Redrawn
+    after a validation at most every ``every`` steps, and when training ends."""
+
+    PANELS = (
+        ("latent terms (nats per grid; diversity terms are minus an entropy)", "loss/"),
+        ("weights", "weight/"),
+    )
+
+    def __init__(self, run_dir: Path, every: int):
+        self.run_dir = Path(run_dir)
+        self.every = every
+        self.last_step = None
+
+    def draw(self, trainer) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+        series = read_metrics(self.run_dir / "metrics.csv")
+        panels = [
+            (
+                title,
+                sorted(
+                    key
+                    for key in series
+                    if key.startswith(prefix)
+                    and key not in ("loss/total",)
+                    and not key.startswith("loss/clamped_")
+                ),
+            )
+            for title, prefix in self.PANELS
+        ]
+        panels.append(("reconstruction", ["train/loss_cells", "val/loss_cells"]))
+        panels.append(("validation", ["val/cell_accuracy", "val/grid_accuracy"]))
+        plot_curves(
+            series,
+            panels,
+            self.run_dir / "images" / "loss_terms.png",
+            title=f"{self.run_dir.name}: loss terms up to step {trainer.global_step}",
+        )
+
+    def on_validation_end(self, trainer, module) -> None:
+        step = trainer.global_step
+        if trainer.sanity_checking or not trainer.is_global_zero or self.every <= 0:
+            return
+        if self.last_step is not None and step - self.last_step < self.every:
+            return
+        self.last_step = step
+        self.draw(trainer)
+
+    def on_train_end(self, trainer, module) -> None:
+        if trainer.is_global_zero:
+            self.draw(trainer)

@@ -19,10 +19,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pips.config import Config, ConfigError, load_config, save_config
+from pips.config import (
+    LOGIT_TERMS,
+    Config,
+    ConfigError,
+    load_config,
+    save_config,
+    schedule_is_off,
+)
 from pips.data.batch import Batch, collate_grids
 from pips.evaluation.evaluate import evaluate
-from pips.training.callbacks import ReconstructionImages, TrainingProgress
+from pips.training.callbacks import ReconstructionImages, TermCurves, TrainingProgress
 from pips.training.checkpoint_io import AtomicCheckpointIO
 from pips.training.datamodule import GridDataModule
 from pips.training.loggers import RunCSVLogger
@@ -86,6 +93,8 @@ def _build_trainer(
         ),
         ReconstructionImages(run_dir / "images", trainer_config.image_every, image_batch),
     ]
+    if any(not schedule_is_off(getattr(config.loss, name)) for name in LOGIT_TERMS):
+        callbacks.append(TermCurves(run_dir, trainer_config.image_every))
     loggers = [
         RunCSVLogger(run_dir),
         TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
