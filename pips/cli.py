@@ -103,5 +103,97 @@ def resume(
     _report(run_dir, summary)
 
 
+def _checkpoint_errors():
+    """The errors of the evaluation verbs that are a user's to fix (exit 2, one sentence)."""
+    from pips.evaluation.checkpoints import CheckpointError
+    from pips.evaluation.codes import CodesError
+    from pips.evaluation.commands import DataSpecError
+
+    return (CheckpointError, CodesError, DataSpecError, ConfigError)
+
+
+RUN_OR_CHECKPOINT = typer.Argument(..., help="a run folder (its best checkpoint) or a .ckpt file")
+DATA_OPTION = typer.Option(
+    None,
+    "--data",
+    help="arc1 or arc2 (bundled), or a folder of task JSON; add :training, :evaluation or :all "
+    "(default: the run's validation split)",
+)
+LAST_OPTION = typer.Option(False, "--last", help="use checkpoints/last.ckpt, not the best one")
+
+
+@app.command()
+def evaluate(
+    run: Path = RUN_OR_CHECKPOINT,
+    data: str = DATA_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    last: bool = LAST_OPTION,
+) -> None:
+    """Reconstruction and codebook metrics of a trained model on a split or folder of ARC grids.
+
+    Example: pips evaluate runs/quick --data arc1:evaluation
+    """
+    from pips.evaluation.commands import evaluate_run
+
+    try:
+        result = evaluate_run(run, data, "last" if last else "best")
+    except _checkpoint_errors() as error:
+        _fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    typer.echo(f"{result['checkpoint']} (step {result['step']}): {result['data']}")
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        whole = isinstance(value, float) and value.is_integer() and abs(value) >= 1
+        table.add_row(key, f"{value:.0f}" if whole else f"{value:.4f}")
+    Console().print(table)
+
+
+@app.command()
+def encode(
+    run: Path = RUN_OR_CHECKPOINT,
+    out: Path = typer.Option(..., "--out", help="the codes file to write (.npz)"),
+    data: str = DATA_OPTION,
+    last: bool = LAST_OPTION,
+) -> None:
+    """Every grid's code indices (with its task, pair and role) into a .npz file.
+
+    Example: pips encode runs/quick --data arc1:evaluation --out codes.npz
+    """
+    from pips.evaluation.commands import encode_to_file
+
+    try:
+        result = encode_to_file(run, data, out, "last" if last else "best")
+    except _checkpoint_errors() as error:
+        _fail(str(error))
+    typer.echo(f"encoded {result['grids']} grids ({result['data']}) into {result['out']}")
+
+
+@app.command()
+def decode(
+    run: Path = RUN_OR_CHECKPOINT,
+    codes: Path = typer.Argument(..., help="a codes file written by pips encode"),
+    out: Path = typer.Option(..., "--out", help="the ARC task JSON file to write"),
+    last: bool = LAST_OPTION,
+) -> None:
+    """Codes back to grids, written as ARC task JSON (the tasks and pairs the codes came from).
+
+    Example: pips decode runs/quick codes.npz --out grids.json
+    """
+    from pips.evaluation.commands import decode_to_file
+
+    try:
+        result = decode_to_file(run, codes, out, "last" if last else "best")
+    except _checkpoint_errors() as error:
+        _fail(str(error))
+    typer.echo(f"decoded {result['grids']} grids of {result['tasks']} tasks into {result['out']}")
+
+
 if __name__ == "__main__":
     app()

@@ -213,6 +213,7 @@ def load_grids(
     val_fraction: float = 0.1,
     max_samples: int | None = None,
     exclude: Iterable[GridRecord] | None = None,
+    distinct: bool = True,
 ) -> list[GridRecord]:
     """Every distinct grid of a source's split, validated, in a deterministic order.
 
@@ -220,7 +221,8 @@ def load_grids(
     "training" / "evaluation" (the package's own split, or for a folder a stable hash split of
     task ids sending ``val_fraction`` of them to evaluation) or "all". Order: tasks by id, then
     train pairs, then test pairs, input before output; a grid equal to an earlier one, or to any
-    grid in ``exclude``, is dropped. ``max_samples`` keeps a seeded (seed 0) random subset of that
+    grid in ``exclude``, is dropped (``distinct=False`` keeps repeats and ignores ``exclude``:
+    every grid of every task, as `pips encode` wants). ``max_samples`` keeps a seeded (seed 0) random subset of that
     size, in the same order, so a small run still sees many tasks.
     """
     if split not in SPLITS:
@@ -246,7 +248,9 @@ def load_grids(
     for task_id, task, file in tasks:
         for record in _task_records(task, task_id, file):
             key = record.key
-            if key not in seen:
+            if not distinct:
+                records.append(record)
+            elif key not in seen:
                 seen.add(key)
                 records.append(record)
 

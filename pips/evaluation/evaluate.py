@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from pips.data.batch import Batch
 from pips.evaluation.metrics import ReconstructionMetrics
-from pips.models.grid_dvae import GridDVAE, GridDVAEOutput
+from pips.models.grid_dvae import GridDVAE, GridDVAEOutput, grid_positions
 
 
 def predict(model: GridDVAE, output: GridDVAEOutput, batch: Batch, pad_weight: float):
@@ -62,31 +62,70 @@ def reconstruct(
     model: GridDVAE, batch: Batch, pad_weight: float = 0.0, **schedule_values: float
 ) -> list[np.ndarray]:
     """Each grid of ``batch`` rebuilt from its codes alone: size first, then cells."""
-    output = model(batch, **schedule_values)
-    colours, sizes = predict(model, output, batch, pad_weight)
-    if not model.spatial:  # decode again on the canvas of the predicted sizes
-        encoded = output.encoded
-        canvas_height = int(sizes[:, 0].max())
-        canvas_width = int(sizes[:, 1].max()) + int(model.eos)
-        rows = torch.arange(canvas_height, device=sizes.device).view(1, -1, 1)
-        cols = torch.arange(canvas_width, device=sizes.device).view(1, 1, -1)
-        inside = (rows < sizes[:, 0, None, None]) & (
-            cols < sizes[:, 1, None, None] + int(model.eos)
-        )
-        cell_logits, _, _ = model.decode(
-            encoded.quantizer.quantized,
-            encoded.latent_positions,
-            encoded.latent_padding,
-            canvas_height,
-            canvas_width,
-            ~inside.view(len(batch), -1),
-        )
-        colours = cell_logits[..., : model.vocab.num_colours].argmax(-1)
-    else:
-        canvas_height, canvas_width = batch.canvas_height, batch.canvas_width
-    boards = colours.view(len(batch), canvas_height, canvas_width).cpu().numpy()
+    encoded = model.encode(batch, **schedule_values)
+    quantized = encoded.quantizer.quantized
+    if model.spatial:  # every patch of the grid's own codes, whatever the batch's canvas
+        p = model.output_patch
+        rows, cols = -(-batch.canvas_height // p), -(-batch.canvas_width // p)
+        return decode_patches(model, quantized, encoded.latent_padding, rows, cols, pad_weight > 0)
+    codes = model.code_projection(quantized)
+    height_logits, width_logits = model.predict_shape(codes, encoded.latent_padding)
+    sizes = torch.stack([height_logits.argmax(-1), width_logits.argmax(-1)], dim=-1) + 1
+    return decode_on_sizes(
+        model, quantized, encoded.latent_positions, encoded.latent_padding, sizes
+    )
+
+
+def decode_patches(
+    model: GridDVAE,
+    quantized: torch.Tensor,  # [B, rows * cols, D] patch codes on a rows x cols board
+    padding: torch.Tensor,  # [B, rows * cols] True at patches outside a grid
+    rows: int,
+    cols: int,
+    sizes_from_cells: bool,
+) -> list[np.ndarray]:
+    """Spatial layout: decode each grid's patch codes, read its size (off the decoded PAD/EOS
+    cells, or from the size heads), and crop. Cells of the predicted size that no patch of the
+    grid covers are 0."""
+    batch, p = quantized.shape[0], model.output_patch
+    positions = grid_positions(rows, cols, quantized.device).expand(batch, -1, -1)
+    cell_padding = padding.view(batch, rows, 1, cols, 1).expand(-1, -1, p, -1, p)
+    cell_padding = cell_padding.reshape(batch, -1)
+    canvas_height, canvas_width = rows * p, cols * p
+    cell_logits, height_logits, width_logits = model.decode(
+        quantized, positions, padding, canvas_height, canvas_width, cell_padding
+    )
+    output = GridDVAEOutput(cell_logits, height_logits, width_logits, None, ~cell_padding)
+    colours, sizes = model.predict(output, canvas_width, sizes_from_cells=sizes_from_cells)
+    colours = colours.masked_fill(cell_padding, 0)
+    return crop_grids(colours.view(batch, canvas_height, canvas_width), sizes)
+
+
+def decode_on_sizes(
+    model: GridDVAE,
+    quantized: torch.Tensor,  # [B, N, D]
+    positions: torch.Tensor,  # [B, N, 2]
+    padding: torch.Tensor,  # [B, N]
+    sizes: torch.Tensor,  # [B, 2]
+) -> list[np.ndarray]:
+    """Pooled layout: decode on a canvas of the given grid sizes, then crop each grid."""
+    batch = sizes.shape[0]
+    eos = int(model.eos)
+    canvas_height, canvas_width = int(sizes[:, 0].max()), int(sizes[:, 1].max()) + eos
+    rows = torch.arange(canvas_height, device=sizes.device).view(1, -1, 1)
+    cols = torch.arange(canvas_width, device=sizes.device).view(1, 1, -1)
+    inside = (rows < sizes[:, 0, None, None]) & (cols < sizes[:, 1, None, None] + eos)
+    cell_logits, _, _ = model.decode(
+        quantized, positions, padding, canvas_height, canvas_width, ~inside.view(batch, -1)
+    )
+    colours = cell_logits[..., : model.vocab.num_colours].argmax(-1)
+    return crop_grids(colours.view(batch, canvas_height, canvas_width), sizes)
+
+
+def crop_grids(boards: torch.Tensor, sizes: torch.Tensor) -> list[np.ndarray]:
+    """Boards [B, H, W] of colours -> each grid at its size [B, 2] (zeros past the board)."""
     grids = []
-    for board, (height, width) in zip(boards, sizes.tolist(), strict=True):
+    for board, (height, width) in zip(boards.cpu().numpy(), sizes.tolist(), strict=True):
         grid = np.zeros((height, width), dtype=np.int64)
         h, w = min(height, board.shape[0]), min(width, board.shape[1])
         grid[:h, :w] = board[:h, :w]

@@ -1,0 +1,140 @@
+"""Load a trained grid DVAE from a run folder or a checkpoint file, with errors a person can act on.
+
+A Lightning checkpoint written by ``pips train`` holds the run's resolved config (its
+``hyper_parameters``) and the weights; :func:`load_model` rebuilds the model from the config and
+loads the weights, so a checkpoint is usable without its run folder.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from pips.config import Config, ConfigError, check_config, from_dict
+from pips.models.grid_dvae import GridDVAE
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or run folder that cannot be used; the message names the file and the fix."""
+
+
+class LoadedModel(NamedTuple):
+    model: GridDVAE  # in eval mode
+    config: Config
+    checkpoint: Path
+    step: int
+    run_dir: Path | None  # the run folder that holds the checkpoint, when it is in one
+
+
+def find_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """The checkpoint file for ``path``: the file itself, or in a run folder its best checkpoint
+    (``which="best"``, falling back to ``last.ckpt``) or ``last.ckpt`` (``which="last"``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} does not exist; give a run folder written by pips train or a .ckpt file"
+        )
+    folder = path / "checkpoints"
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{path} is not a run folder (it has no checkpoints/ folder); give the folder that "
+            f"pips train printed, or a .ckpt file"
+        )
+    best = sorted(folder.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    last = folder / "last.ckpt"
+    candidates = ([best[-1]] if best else []) + ([last] if last.is_file() else [])
+    if which == "last":
+        candidates.reverse()
+    if not candidates:
+        raise CheckpointError(
+            f"run folder {path} has no checkpoints yet (checkpoints/ is empty): the run stopped "
+            f"before its first validation; train it longer, or resume it with pips resume {path}"
+        )
+    return candidates[0]
+
+
+def read_checkpoint(path: Path) -> dict:
+    """``torch.load`` on CPU with the failure modes of a truncated or foreign file spelt out."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: it is truncated or corrupt ({error}); use "
+            f"another checkpoint of the run (checkpoints/last.ckpt or best-*.ckpt)"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{path} is not a pips checkpoint (no state_dict); give a .ckpt from a run folder's "
+            f"checkpoints/"
+        )
+    return checkpoint
+
+
+def checkpoint_config(checkpoint: dict, path: Path) -> Config:
+    saved = (checkpoint.get("hyper_parameters") or {}).get("config")
+    if saved is None:
+        raise CheckpointError(
+            f"{path} holds no pips config (hyper_parameters.config); it was not written by "
+            f"pips train"
+        )
+    try:
+        config = from_dict(Config, saved)
+        check_config(config)
+        return config
+    except ConfigError as error:
+        raise CheckpointError(
+            f"the config saved in {path} does not fit this version of pips: {error}"
+        ) from None
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: Path, prefix: str = "model.") -> None:
+    """Load ``state`` (keys under ``prefix``) into ``model``, naming every mismatch."""
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [
+        f"{key} {tuple(weights[key].shape)} in the file vs {tuple(value.shape)} in the model"
+        for key, value in own.items()
+        if key in weights and weights[key].shape != value.shape
+    ]
+    if missing or unexpected or shapes:
+        problems = []
+        if shapes:
+            problems.append("different shapes: " + "; ".join(shapes[:3]))
+        if missing:
+            problems.append("missing weights: " + ", ".join(missing[:3]))
+        if unexpected:
+            problems.append("weights the model does not have: " + ", ".join(unexpected[:3]))
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model its config describes ("
+            + " | ".join(problems)
+            + "); use the config the checkpoint was trained with (do not override model.* keys)"
+        )
+    model.load_state_dict(weights)
+
+
+def load_model(
+    path: str | Path, which: str = "best", overrides: Config | None = None
+) -> LoadedModel:
+    """The model of a run folder or checkpoint, in eval mode on CPU.
+
+    ``overrides``: a config to build the model from instead of the saved one (its shapes must
+    match the weights, else a :class:`CheckpointError` names the mismatch).
+    """
+    file = find_checkpoint(path, which)
+    checkpoint = read_checkpoint(file)
+    config = overrides if overrides is not None else checkpoint_config(checkpoint, file)
+    model = GridDVAE(config.model, eos=config.data.eos)
+    load_weights(model, checkpoint["state_dict"], file)
+    model.eval()
+    run_dir = file.parent.parent if file.parent.name == "checkpoints" else None
+    if run_dir is not None and not (run_dir / "config.yaml").is_file():
+        run_dir = None
+    return LoadedModel(model, config, file, int(checkpoint.get("global_step", 0)), run_dir)

