@@ -195,5 +195,125 @@ def decode(
     typer.echo(f"decoded {result['grids']} grids of {result['tasks']} tasks into {result['out']}")
 
 
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a run folder written by pips train"),
+    out: Path = typer.Option(None, "--out", help="where to write it (default RUN_DIR/report.html)"),
+    grids: int = typer.Option(512, "--grids", min=1, help="validation grids to score and plot"),
+) -> None:
+    """One self-contained HTML page about a run: summary, curves, code usage, the best and the
+    worst reconstructions, and the config.
+
+    Example: pips report runs/quick  (then open runs/quick/report.html)
+    """
+    from pips.evaluation.report import write_report
+
+    try:
+        path = write_report(run_dir, out, grids)
+    except _checkpoint_errors() as error:
+        _fail(str(error))
+    typer.echo(f"report: {path}")
+
+
+def _cell(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _print_table(rows: list[dict], columns: list[tuple[str, str]], title: str = "") -> None:
+    """A rich table: ``columns`` are (key in each row, header)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pips.evaluation.runs import format_seconds
+
+    table = Table(title=title or None)
+    for _, header in columns:
+        table.add_column(header, justify="left" if header in ("run", "status") else "right")
+    for row in rows:
+        table.add_row(
+            *(
+                format_seconds(row.get(key)) if key == "wall_seconds" else _cell(row.get(key))
+                for key, _ in columns
+            )
+        )
+    Console(width=max(120, Console().width)).print(table)
+
+
+@app.command()
+def runs(
+    folder: Path = typer.Argument(Path("runs"), help="a folder of run folders (default: runs)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """A table of runs: name, status (running/finished/interrupted/crashed), steps, best
+    validation metrics and wall time, newest first.
+
+    Example: pips runs runs/
+    """
+    from pips.evaluation.runs import find_runs, run_row
+
+    found = find_runs(folder)
+    if not found:
+        _fail(f"no run folders in {folder} (a run folder holds config.yaml); train one first")
+    rows = [run_row(path) for path in found]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    _print_table(
+        rows,
+        [
+            ("name", "run"),
+            ("status", "status"),
+            ("quantizer", "quantizer"),
+            ("steps", "steps"),
+            ("best_cell_accuracy", "best cell acc"),
+            ("best_grid_accuracy", "best grid acc"),
+            ("wall_seconds", "wall"),
+        ],
+    )
+
+
+COMPARE_COLUMNS = [
+    ("name", "run"),
+    ("quantizer", "quantizer"),
+    ("bits_per_grid", "bits/grid"),
+    ("cell_accuracy", "cell acc"),
+    ("grid_accuracy", "grid acc"),
+    ("codebook_perplexity", "perplexity"),
+    ("dead_codes", "dead codes"),
+    ("grids_per_second", "grids/s"),
+    ("steps", "steps"),
+    ("wall_seconds", "wall"),
+]
+
+
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders to put side by side"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Final validation metrics of several runs side by side (from each summary.json).
+
+    Example: pips compare runs/fsq runs/vq runs/gumbel
+    """
+    from pips.evaluation.runs import is_run_dir, run_row
+
+    for path in run_dirs:
+        if not is_run_dir(path):
+            _fail(
+                f"{path} is not a run folder (no config.yaml); give folders that pips train wrote"
+            )
+    rows = [run_row(path) for path in run_dirs]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    _print_table(rows, COMPARE_COLUMNS)
+
+
 if __name__ == "__main__":
     app()

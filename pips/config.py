@@ -77,6 +77,12 @@ class DataConfig:
     max_val_samples: int | None = option(
         None, "grids in the periodic validation (the final one uses all)", min=1
     )
+    max_final_val_samples: int | None = option(
+        None,
+        "grids in the final evaluation after training (None: the whole validation split; "
+        "fewer for quick ablations)",
+        min=1,
+    )
     colour_permutation: bool = option(True, "augment: random colour permutation")
     keep_black: bool = option(True, "augment: colour 0 (black) stays 0")
     dihedral: bool = option(True, "augment: random rotation/flip (8 dihedral transforms)")

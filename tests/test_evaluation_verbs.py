@@ -124,7 +124,9 @@ def test_a_checkpoint_from_another_model_shape_names_the_mismatch(tiny_run, tmp_
         load_model(other)
 
 
-def test_codes_out_of_range_are_refused_and_nothing_is_written(tiny_run, task_folder, tmp_path, cli):
+def test_codes_out_of_range_are_refused_and_nothing_is_written(
+    tiny_run, task_folder, tmp_path, cli
+):
     run_dir, _ = tiny_run
     codes_path = tmp_path / "codes.npz"
     assert cli("encode", run_dir, "--data", task_folder, "--out", codes_path).exit_code == 0

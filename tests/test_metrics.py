@@ -136,6 +136,27 @@ def test_pooled_perplexity_is_per_slot_then_averaged(batch):
     assert result["codes_used"] == 2
 
 
+def test_code_entropy_and_dead_codes_by_hand(batch):
+    # slot 0 always code 0 (0 bits), slot 1 codes 0 and 1 once each (1 bit): a grid's two
+    # codes carry 0 + 1 = 1 bit; of 4 codes, 2 are never used
+    indices = torch.tensor([[0, 0], [0, 1]])
+    result = _update(ReconstructionMetrics(4), batch, batch.tokens.clone(), indices=indices)
+    assert result["code_entropy_bits"] == pytest.approx(1.0)
+    assert result["dead_codes"] == 2
+    assert result["bits_per_grid"] == pytest.approx(4.0)  # 2 codes x log2(4)
+
+
+def test_data_bits_are_the_grids_zlib_sizes(batch):
+    import zlib
+
+    result = _update(ReconstructionMetrics(4), batch, batch.tokens.clone())
+    sizes = [
+        len(zlib.compress(bytes([1, 2, 3, 4]), 9)),
+        len(zlib.compress(bytes([5, 6, 7]), 9)),
+    ]
+    assert result["data_bits_per_grid"] == pytest.approx(8 * sum(sizes) / 2)
+
+
 def test_spatial_perplexity_pools_positions_and_skips_padded_latents(batch):
     indices = torch.tensor([[0, 1, 2, 3], [0, 1, 3, 3]])
     latent_padding = torch.tensor([[False] * 4, [False, False, True, True]])

@@ -3,6 +3,12 @@
 Cell accuracy counts the grid's own colour cells only (never PAD or EOS); a grid is exact when its
 predicted size is right and every cell is right. Perplexity is ``2 ** H`` of the empirical code
 usage (H in bits), per latent slot and over all codes.
+
+Bits: ``bits_per_grid`` is the code string's capacity (codes x log2 K); ``code_entropy_bits``
+the empirical entropy of the codes actually used (per-slot entropies summed over a grid's codes:
+an upper bound on what the codes carry); ``data_bits_per_grid`` the grids' own zlib size in bits
+(a rough estimate of their information). A bottleneck tighter than the data shows as
+``code_entropy_bits < data_bits_per_grid``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class ReconstructionMetrics:
         self.code_bits_total = 0.0
         self.code_ids: list[torch.Tensor] = []  # flat (slot * K + code) ids, one tensor a batch
         self.num_slots = 0
+        self.codes_total = 0  # code indices over all grids (latents x levels)
+        self.data_bits_total = 0.0
 
     def update(
         self,
@@ -54,6 +62,7 @@ class ReconstructionMetrics:
         self.sizes_correct += int(size_right.sum())
         self.grids_exact += int((size_right & (cells_right_per_grid == cells_per_grid)).sum())
         self.grids_total += int(targets.shape[0])
+        self.data_bits_total += _data_bits(targets, grid_mask, shapes)
         if indices is None or self.codebook_size < 2:
             return
         if indices.dim() == 2:
@@ -63,6 +72,7 @@ class ReconstructionMetrics:
         if latent_padding is not None:
             keep = ~latent_padding
         self.code_bits_total += float(keep.sum()) * levels * math.log2(self.codebook_size)
+        self.codes_total += int(keep.sum()) * levels
         if slotted:
             slot_ids = torch.arange(num_latents * levels, device=indices.device).view(
                 1, num_latents, levels
@@ -80,6 +90,7 @@ class ReconstructionMetrics:
             "grid_accuracy": self.grids_exact / max(self.grids_total, 1),
             "size_accuracy": self.sizes_correct / max(self.grids_total, 1),
             "bits_per_grid": self.code_bits_total / max(self.grids_total, 1),
+            "data_bits_per_grid": self.data_bits_total / max(self.grids_total, 1),
             "grids": float(self.grids_total),
         }
         if self.code_ids:
@@ -94,12 +105,29 @@ class ReconstructionMetrics:
                 0, slots, -probs * probs.log2()
             )
             out["codebook_perplexity"] = float(slot_entropy.exp2().mean())
+            # each code index carries at most its slot's entropy; a grid has codes_total / G
+            slot_uses = slot_totals.clamp_min(1.0)
+            mean_entropy = float((slot_entropy * slot_totals).sum() / slot_uses.sum())
+            out["code_entropy_bits"] = mean_entropy * self.codes_total / max(self.grids_total, 1)
             distinct_codes, code_of_id = torch.unique(codes, return_inverse=True)
             code_counts = torch.zeros(len(distinct_codes), dtype=torch.float64).index_add_(
                 0, code_of_id, counts.double()
             )
             out["codebook_perplexity_all"] = float(perplexity(code_counts))
             out["codes_used"] = float(len(code_counts))
+            out["dead_codes"] = float(self.codebook_size - len(code_counts))
         else:
             out["codebook_perplexity"] = float("nan")
         return out
+
+
+def _data_bits(targets: torch.Tensor, grid_mask: torch.Tensor, shapes: torch.Tensor) -> float:
+    """Sum of the grids' zlib sizes in bits (see :func:`pips.data.arc.grid_information_bits`)."""
+    from pips.data.arc import grid_information_bits
+
+    total = 0.0
+    cells = targets.cpu()
+    mask = grid_mask.cpu()
+    for row, (height, width) in enumerate(shapes.tolist()):
+        total += grid_information_bits(cells[row][mask[row]].view(height, width).numpy())
+    return total

@@ -65,8 +65,14 @@ def save_reconstructions(
         axes[row, 2].set_yticks([])
     if title:
         figure.suptitle(title, fontsize=8)
+    _save(figure, path)
+
+
+def _save(figure, path) -> None:
+    """Save to a file path (creating its folder) or a binary file object, then close."""
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(path, (str, Path)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
@@ -127,8 +133,44 @@ def plot_curves(
     axes[-1, 0].set_xlabel("step", fontsize=8)
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
     return True
+
+
+def plot_code_usage(
+    counts: np.ndarray, path, title: str = "", codebook_size: int | None = None
+) -> None:
+    """Code usage of a validation set: codes ranked by use (log-log; a flat line is even use),
+    and for slotted codes (``counts [N, K]``, K <= 4096) a slot-by-code heatmap. For huge
+    codebooks pass only the used codes' counts (1-D) and ``codebook_size``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim == 1:
+        counts = counts[None]
+    num_codes = codebook_size or counts.shape[1]
+    heatmap = counts.shape[0] > 1 and counts.shape[1] <= 4096 and codebook_size is None
+    figure, axes = plt.subplots(
+        1, 2 if heatmap else 1, figsize=(10 if heatmap else 5.5, 3.4), squeeze=False
+    )
+    total = counts.sum(0)
+    ranked = np.sort(total[total > 0])[::-1]
+    axis = axes[0, 0]
+    if len(ranked):
+        axis.loglog(np.arange(1, len(ranked) + 1), ranked / ranked.sum(), lw=1.2)
+        axis.axhline(1 / num_codes, color="grey", ls="--", lw=0.8, label="uniform")
+        axis.legend(fontsize=7)
+    axis.set_xlabel("code rank", fontsize=8)
+    axis.set_ylabel("share of uses", fontsize=8)
+    axis.set_title(f"{len(ranked)} of {num_codes} codes used", fontsize=9)
+    axis.tick_params(labelsize=7)
+    if heatmap:
+        axis = axes[0, 1]
+        shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        image = axis.imshow(shares, aspect="auto", cmap="magma", interpolation="nearest")
+        axis.set_xlabel("code", fontsize=8)
+        axis.set_ylabel("slot", fontsize=8)
+        axis.set_title("share of each slot's uses per code", fontsize=9)
+        axis.tick_params(labelsize=7)
+        figure.colorbar(image, ax=axis)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    _save(figure, path)

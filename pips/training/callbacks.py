@@ -8,19 +8,29 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from tqdm.auto import tqdm
 
 from pips.data.batch import Batch, batch_to_grids
 from pips.evaluation.evaluate import reconstruct
-from pips.evaluation.plots import plot_curves, read_metrics, save_reconstructions
+from pips.evaluation.plots import (
+    plot_code_usage,
+    plot_curves,
+    read_metrics,
+    save_reconstructions,
+)
 
 
 class TrainingProgress(L.Callback):
-    """Counts grids and training time (validation excluded) and shows a step progress bar with
-    loss, cell accuracy and grids/s."""
+    """Counts grids and training time (validation excluded), shows a step progress bar with
+    loss, cell accuracy and grids/s, and logs throughput at each logging step: grids/s and
+    cells/s of the step, seconds waiting for data versus computing, and peak memory."""
 
-    def __init__(self, show_bar: bool = True):
+    def __init__(self, show_bar: bool = True, log_every: int = 0):
         self.show_bar = show_bar
+        self.log_every = log_every
+        self._last_end = None
+        self._data_seconds = 0.0
         self.bar = None
         self.grids = 0
         self.train_seconds = 0.0
@@ -48,11 +58,27 @@ class TrainingProgress(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._step_start = time.perf_counter()
+        # from the end of the previous step: fetching and collating this batch (and hooks)
+        self._data_seconds = 0.0 if self._last_end is None else self._step_start - self._last_end
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        elapsed = time.perf_counter() - self._step_start
+        now = time.perf_counter()
+        elapsed = now - self._step_start
+        self._last_end = now
         self.grids += len(batch)
         self.train_seconds += elapsed
+        step = trainer.global_step - 1  # the step that just ran
+        if self.log_every and ((step + 1) % self.log_every == 0 or step == 0):
+            module.log_dict(
+                {
+                    "perf/grids_per_second": len(batch) / max(elapsed, 1e-9),
+                    "perf/cells_per_second": float(batch.grid_mask.sum()) / max(elapsed, 1e-9),
+                    "perf/step_seconds": elapsed,
+                    "perf/data_seconds": self._data_seconds,
+                    "perf/peak_memory_mb": peak_memory_mb(module.device),
+                },
+                batch_size=len(batch),
+            )
         rate = len(batch) / max(elapsed, 1e-9)
         self._recent_rate = (
             rate if self._recent_rate is None else 0.9 * self._recent_rate + 0.1 * rate
@@ -86,6 +112,101 @@ class TrainingProgress(L.Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class CodebookMonitor(L.Callback):
+    """Code usage tracked by an exponential moving average over training steps.
+
+    Every logging step: ``codes/usage_perplexity`` (2 ** entropy in bits of the EMA usage,
+    per slot for pooled codes then averaged; per level for spatial codes), and ``codes/dead``
+    (codes whose EMA share is below ``dead_share / K``, averaged over slots). Every ``every``
+    steps: ``images/code_usage_stepN.png`` (ranked usage and a slot-by-code heatmap). The EMA is
+    checkpointed with the callback's state. Codebooks over 65,536 codes are not tracked (FSQ
+    8^8: the batch perplexity in ``quantizer/perplexity`` stays).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        slotted: bool,
+        log_every: int,
+        every: int,
+        decay: float = 0.99,
+        dead_share: float = 0.01,
+    ):
+        self.folder = Path(folder)
+        self.codebook_size = 0  # the model's, at the start of training
+        self.slotted = slotted
+        self.log_every = log_every
+        self.every = every
+        self.decay = decay
+        self.dead_share = dead_share
+        self.usage: torch.Tensor | None = None  # [rows, K] EMA of code shares
+        self.enabled = False
+
+    def on_train_start(self, trainer, module) -> None:
+        self.codebook_size = int(getattr(module.model.quantizer, "codebook_size", 0) or 0)
+        self.enabled = 2 <= self.codebook_size <= 65536
+
+    def _batch_usage(self, indices: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        if indices.dim() == 2:
+            indices = indices.unsqueeze(-1)  # [B, N, S]
+        keep = ~padding
+        size = self.codebook_size
+        if self.slotted:  # one row per (slot, level)
+            codes = indices.flatten(1)  # [B, N*S]
+            rows = codes.shape[1]
+            ids = codes + torch.arange(rows, device=codes.device) * size
+        else:  # one row per level, pooling positions
+            codes = indices[keep]  # [M, S]
+            rows = codes.shape[1]
+            ids = codes + torch.arange(rows, device=codes.device) * size
+        counts = torch.bincount(ids.reshape(-1), minlength=rows * size).view(rows, size)
+        counts = counts.double().cpu()
+        return counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        codes = getattr(module, "last_codes", None)
+        if not self.enabled or codes is None or codes[0] is None:
+            return
+        share = self._batch_usage(*codes)
+        if self.usage is None or self.usage.shape != share.shape:
+            self.usage = share
+        else:
+            self.usage.mul_(self.decay).add_(share, alpha=1 - self.decay)
+        step = trainer.global_step - 1
+        if self.log_every and ((step + 1) % self.log_every == 0 or step == 0):
+            usage = self.usage / self.usage.sum(-1, keepdim=True).clamp_min(1e-12)
+            entropy = -(usage * usage.clamp_min(1e-12).log2()).sum(-1)
+            dead = (usage < self.dead_share / self.codebook_size).sum(-1).double()
+            module.log_dict(
+                {
+                    "codes/usage_perplexity": float(entropy.exp2().mean()),
+                    "codes/dead": float(dead.mean()),
+                },
+                batch_size=len(batch),
+            )
+        if self.every > 0 and trainer.is_global_zero and (step + 1) % self.every == 0:
+            plot_code_usage(
+                self.usage.numpy() * 1e6,
+                self.folder / f"code_usage_step{step + 1:07d}.png",
+                title=f"code usage (EMA over steps) at step {step + 1}",
+            )
+
+    def state_dict(self) -> dict:
+        return {"usage": self.usage}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.usage = state_dict.get("usage")
 
 
 class ReconstructionImages(L.Callback):

@@ -31,14 +31,22 @@ class GridDataModule(L.LightningDataModule):
             config.source, config.val_split, config.val_fraction, exclude=self.train_records
         )
 
-    @property
-    def periodic_val_records(self) -> list[GridRecord]:
-        """The validation grids seen during training (the final evaluation uses them all)."""
-        limit = self.config.max_val_samples
+    def _spread(self, limit: int | None) -> list[GridRecord]:
+        """At most ``limit`` validation grids, spread over all tasks, deterministically."""
         if limit is None or limit >= len(self.val_records):
             return self.val_records
-        stride = len(self.val_records) / limit  # spread over all tasks, deterministically
+        stride = len(self.val_records) / limit
         return [self.val_records[int(i * stride)] for i in range(limit)]
+
+    @property
+    def periodic_val_records(self) -> list[GridRecord]:
+        """The validation grids seen during training."""
+        return self._spread(self.config.max_val_samples)
+
+    @property
+    def final_val_records(self) -> list[GridRecord]:
+        """The grids of the evaluation after training (all, unless max_final_val_samples)."""
+        return self._spread(self.config.max_final_val_samples)
 
     def train_dataloader(self) -> DataLoader:
         config = self.config

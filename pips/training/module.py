@@ -44,6 +44,24 @@ DECOMPOSITION_FIELDS = {
 }
 
 
+def code_statistics(output: GridDVAEOutput) -> dict[str, torch.Tensor]:
+    """Peakiness (mean max probability of q(z|x)) for the probabilistic quantizers, and the mean
+    norms of the encoder outputs and of the quantized vectors (for VQ: the chosen codebook
+    vectors), over the grid's real latents."""
+    encoded = output.encoded
+    keep = ~encoded.latent_padding
+    stats = {}
+    with torch.no_grad():
+        if encoded.quantizer.logits is not None:
+            probs = encoded.quantizer.logits.float().softmax(-1)
+            stats["codes/peakiness"] = probs.amax(-1)[keep].mean()
+        stats["codes/latent_norm"] = encoded.latents.float().norm(dim=-1)[keep].mean()
+        stats["codes/quantized_norm"] = (
+            encoded.quantizer.quantized.float().norm(dim=-1)[keep].mean()
+        )
+    return stats
+
+
 class GridDVAEModule(L.LightningModule):
     """Trains a :class:`GridDVAE`. ``dataset_size`` (the number of training grids) feeds the
     minibatch estimator of ``loss.mi/tc/dwkl`` unless ``loss.dataset_size`` sets it; None treats
@@ -86,6 +104,7 @@ class GridDVAEModule(L.LightningModule):
             else None
         )
         self.val_metrics: ReconstructionMetrics | None = None
+        self.last_codes: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -194,6 +213,8 @@ class GridDVAEModule(L.LightningModule):
         inputs = mask_cells(batch, self.mask_ratio(step))
         output = self(inputs, **values)
         losses = self.compute_losses(output, batch, values["quantizer_weight"])
+        # the step's codes, for the codebook monitor (indices [B, N(, S)], padding [B, N])
+        self.last_codes = (output.encoded.quantizer.indices, output.encoded.latent_padding)
         terms, clamped = self.latent_terms(output, weights, values["temperature"])
         for name, term in terms.items():
             if weights.get(name, 0.0) > 0:  # mi, tc, dwkl come together
@@ -211,6 +232,7 @@ class GridDVAEModule(L.LightningModule):
         logs.update({f"schedule/{name}": value for name, value in values.items()})
         for key, value in output.encoded.quantizer.stats.items():
             logs[f"quantizer/{key}"] = value.float()
+        logs.update(code_statistics(output))
         if self.term_weights:
             logs["loss/total"] = losses["total"].detach()
             logs.update({f"weight/{name}": weight for name, weight in weights.items()})
@@ -221,13 +243,33 @@ class GridDVAEModule(L.LightningModule):
             logs["train/mask_fraction"] = hidden / batch.grid_mask.sum()
         return losses["total"], logs
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def is_logging_step(self, step: int) -> bool:
+        return (step + 1) % self.config.trainer.log_every == 0 or step == 0
+
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         step = self.global_step
-        with_logs = (step + 1) % self.config.trainer.log_every == 0 or step == 0
-        total, logs = self.train_losses(batch, step, with_logs)
+        total, logs = self.train_losses(batch, step, self.is_logging_step(step))
         if logs:
             self.log_dict(logs, batch_size=len(batch))
-        return total
+        return {"loss": total}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradient norms (after unscaling, before clipping): global and per top-level part."""
+        if not self.is_logging_step(self.global_step):
+            return
+        norms = {}
+        squares_total = 0.0
+        for name, child in self.model.named_children():
+            grads = [p.grad for p in child.parameters() if p.grad is not None]
+            if not grads:
+                continue
+            squares = float(sum(g.detach().float().pow(2).sum() for g in grads))
+            squares_total += squares
+            norms[f"grad_norm/{name}"] = squares**0.5
+        top_level = [p.grad for p in self.model.parameters(recurse=False) if p.grad is not None]
+        squares_total += float(sum(g.detach().float().pow(2).sum() for g in top_level))
+        norms["grad_norm/total"] = squares_total**0.5
+        self.log_dict(norms)
 
     # ----------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

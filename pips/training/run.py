@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 import time
 import warnings
@@ -29,7 +31,12 @@ from pips.config import (
 )
 from pips.data.batch import Batch, collate_grids
 from pips.evaluation.evaluate import evaluate
-from pips.training.callbacks import ReconstructionImages, TermCurves, TrainingProgress
+from pips.training.callbacks import (
+    CodebookMonitor,
+    ReconstructionImages,
+    TermCurves,
+    TrainingProgress,
+)
 from pips.training.checkpoint_io import AtomicCheckpointIO
 from pips.training.datamodule import GridDataModule
 from pips.training.loggers import RunCSVLogger
@@ -92,6 +99,12 @@ def _build_trainer(
             save_last=True,
         ),
         ReconstructionImages(run_dir / "images", trainer_config.image_every, image_batch),
+        CodebookMonitor(
+            run_dir / "images",
+            slotted=config.model.layout == "pooled",
+            log_every=trainer_config.log_every,
+            every=trainer_config.image_every,
+        ),
     ]
     if any(not schedule_is_off(getattr(config.loss, name)) for name in LOGIT_TERMS):
         callbacks.append(TermCurves(run_dir, trainer_config.image_every))
@@ -124,8 +137,38 @@ def _build_trainer(
     )
 
 
+def write_status(run_dir: Path, status: str, **extra) -> None:
+    """``status.json``: running / finished / interrupted / crashed, with the process and times
+    (`pips runs` reads it; a "running" run whose process is gone is shown as crashed)."""
+    path = run_dir / "status.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    now = datetime.now().isoformat(timespec="seconds")
+    if status == "running":
+        record = {"started": now, "pid": os.getpid(), "host": socket.gethostname()}
+    else:
+        record["ended"] = now
+    record.update(status=status, **extra)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=2))
+    os.replace(temporary, path)
+
+
 def fit(config: Config, run_dir: Path, ckpt_path: Path | None = None) -> dict:
     """Train (or continue) the run in ``run_dir``; write summary.json; return the summary."""
+    write_status(run_dir, "running")
+    try:
+        summary = _fit(config, run_dir, ckpt_path)
+    except KeyboardInterrupt:
+        write_status(run_dir, "interrupted")
+        raise
+    except BaseException as error:
+        write_status(run_dir, "crashed", error=f"{type(error).__name__}: {error}"[:500])
+        raise
+    write_status(run_dir, summary["status"])
+    return summary
+
+
+def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
     _quiet_lightning()
     _setup_torch(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -135,7 +178,7 @@ def fit(config: Config, run_dir: Path, ckpt_path: Path | None = None) -> dict:
     module = GridDVAEModule(config, dataset_size=len(datamodule.train_records))
     if config.trainer.compile:
         module.model = torch.compile(module.model)
-    progress = TrainingProgress(show_bar=config.trainer.progress)
+    progress = TrainingProgress(config.trainer.progress, config.trainer.log_every)
     image_records = datamodule.val_records[:: max(len(datamodule.val_records) // 8, 1)][:8]
     image_batch = collate_grids([record.grid for record in image_records], eos=config.data.eos)
     trainer = _build_trainer(config, run_dir, progress, image_batch)
@@ -148,11 +191,12 @@ def fit(config: Config, run_dir: Path, ckpt_path: Path | None = None) -> dict:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    summary = {"status": "finished", "steps": trainer.global_step}
+    status = "interrupted" if trainer.interrupted else "finished"
+    summary = {"status": status, "steps": trainer.global_step}
     if trainer.is_global_zero:
         final = evaluate(
             module.model,
-            datamodule.eval_dataloader(datamodule.val_records),
+            datamodule.eval_dataloader(datamodule.final_val_records),
             module.device,
             config.loss.pad_weight,
             **module.schedule_values(trainer.global_step),
@@ -166,7 +210,7 @@ def fit(config: Config, run_dir: Path, ckpt_path: Path | None = None) -> dict:
         summary["wall_seconds"] = previous.get("wall_seconds", 0.0) + (time.time() - started)
         summary["grids_per_second"] = progress.grids_per_second
         summary["train_grids"] = len(datamodule.train_records)
-        summary["val_grids"] = len(datamodule.val_records)
+        summary["val_grids"] = len(datamodule.final_val_records)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
