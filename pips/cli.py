@@ -315,5 +315,55 @@ def compare(
     _print_table(rows, COMPARE_COLUMNS)
 
 
+KIND_NAMES = ("gumbel", "vq", "fsq", "lfq", "rvq", "gvq", "none")  # = shootout.KINDS (tested)
+
+
+@app.command()
+def shootout(
+    arguments: list[str] = typer.Argument(
+        None,
+        metavar="[CONFIG.yaml] [KEY=VALUE]...",
+        help="the shared model, data and optimizer (default: configs/arc_demo.yaml)",
+    ),
+    bits: int = typer.Option(10, "--bits", help="bits per code for every quantizer"),
+    steps: int = typer.Option(150, "--steps", min=1, help="training steps per quantizer"),
+    minutes: float = typer.Option(None, "--minutes", help="wall-clock cap per quantizer"),
+    kinds: str = typer.Option(",".join(KIND_NAMES), "--kinds", help="quantizers to train"),
+    out: Path = typer.Option(None, "--out", help="folder for the runs (default runs/shootout-*)"),
+    final_grids: int = typer.Option(
+        512, "--final-grids", min=1, help="validation grids in each run's final evaluation"
+    ),
+) -> None:
+    """Train the same grid model with each quantizer at matched bits per code and print one
+    table: bits per grid, cell and grid accuracy, perplexity, dead codes, grids/s.
+
+    Example: pips shootout --steps 600 --bits 10   (the default budget takes ~10 min on 2 cores)
+    """
+    from pips.evaluation.shootout import run_shootout
+    from pips.training.run import RunError
+
+    config_path, overrides = _split_config(list(arguments or []))
+    if config_path is None:
+        default = Path(__file__).resolve().parent.parent / "configs" / "arc_demo.yaml"
+        config_path = str(default) if default.is_file() else None
+    chosen = tuple(kind.strip() for kind in kinds.split(",") if kind.strip())
+    try:
+        root, rows = run_shootout(
+            config_path,
+            overrides,
+            bits,
+            steps,
+            minutes,
+            out,
+            chosen,
+            final_grids,
+            on_start=lambda kind: typer.echo(f"shootout: training {kind}", err=True),
+        )
+    except (ConfigError, RunError) as error:
+        _fail(str(error))
+    _print_table(rows, COMPARE_COLUMNS, title=f"{bits} bits per code, {steps} steps each")
+    typer.echo(f"runs and shootout.json in {root}")
+
+
 if __name__ == "__main__":
     app()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pips.config import load_config
 from pips.evaluation.plots import read_metrics
 from pips.evaluation.report import SECTIONS
 
@@ -183,3 +185,54 @@ def test_training_logs_throughput_gradients_and_code_usage(tiny_run):
     entropy = series["val/code_entropy_bits"][1]
     capacity = series["val/bits_per_grid"][1]
     assert (entropy <= capacity + 1e-6).all()
+
+
+def test_shootout_trains_each_quantizer_at_matched_bits_and_prints_one_table(
+    task_folder, tmp_path, cli
+):
+    from pips.cli import KIND_NAMES
+    from pips.evaluation.shootout import KINDS
+
+    assert KIND_NAMES == KINDS
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    result = cli(
+        "shootout",
+        tiny,
+        f"data.source={task_folder}",
+        "model.width=32",
+        "--bits",
+        "8",
+        "--steps",
+        "2",
+        "--kinds",
+        "fsq,lfq,rvq,none",
+        "--final-grids",
+        "16",
+        "--out",
+        tmp_path / "shoot",
+    )
+    assert result.exit_code == 0, result.output
+    for header in ("bits/grid", "cell acc", "grid acc", "perplexity", "dead codes", "grids/s"):
+        assert header in result.output
+    table = json.loads((tmp_path / "shoot" / "shootout.json").read_text())
+    rows = {row["quantizer"]: row for row in table["runs"]}
+    assert set(rows) == {"fsq", "lfq", "rvq", "none"}
+    assert rows["none"]["name"] == "continuous"
+    # matched bits: every discrete quantizer spends 8 bits (fsq 8*6*5 = 240 codes, 7.9 bits)
+    per_code = {}
+    for name in ("fsq", "lfq", "rvq"):
+        config = load_config(tmp_path / "shoot" / name / "config.yaml")
+        per_code[name] = rows[name]["bits_per_grid"]
+        assert rows[name]["steps"] == 2 and rows[name]["status"] == "finished"
+    assert per_code["lfq"] == pytest.approx(per_code["rvq"])
+    assert per_code["fsq"] == pytest.approx(per_code["lfq"] * math.log2(240) / 8)
+    assert config.model.quantizer.num_stages == 2 and config.model.quantizer.codebook_size == 16
+    assert rows["none"]["bits_per_grid"] == 0
+
+
+def test_shootout_checks_every_config_before_training(tmp_path, cli):
+    result = cli("shootout", "--bits", "9", "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "--bits must be one of 8, 10, 12, 14, 16" in result.output
+    result = cli("shootout", "--kinds", "fsq,pq", "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "unknown ['pq']" in result.output
+    assert not (tmp_path / "s").exists()
