@@ -39,7 +39,14 @@ def _split_config(arguments: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _report(run_dir: Path, summary: dict) -> None:
+    from pips.training.run import is_rank_zero
+
+    if not is_rank_zero():  # the other processes of a distributed run stay quiet
+        return
     typer.echo(f"run folder: {run_dir}")
+    if summary.get("status") == "interrupted":
+        typer.echo(f"stopped at step {summary['steps']}: continue with pips resume {run_dir}")
+        return
     shown = {
         k: summary[k]
         for k in (
@@ -63,11 +70,21 @@ def train(
         metavar="[CONFIG.yaml] [KEY=VALUE]...",
         help="an optional preset from configs/ followed by key=value overrides",
     ),
+    init_from: Path = typer.Option(
+        None,
+        "--from",
+        help="start from the weights of this run folder (its last.ckpt) or .ckpt file; the "
+        "config (schedules, loss, data) is the new one, the model shape must match",
+    ),
 ) -> None:
     """Train a grid discrete VAE and write a run folder (default: configs/arc_demo.yaml).
 
     Example: pips train configs/arc_demo.yaml trainer.max_steps=500 name=quick
+
+    Fine-tune: pips train --from runs/quick model.quantizer.temperature=0.5 name=quick-cold
     """
+    from pips.evaluation.checkpoints import CheckpointError
+    from pips.training.callbacks import NonFiniteLoss
     from pips.training.run import RunError
     from pips.training.run import train as run_train
 
@@ -76,9 +93,12 @@ def train(
         default = Path(__file__).resolve().parent.parent / "configs" / "arc_demo.yaml"
         config_path = str(default) if default.is_file() else None
     try:
-        run_dir, summary = run_train(config_path, overrides)
-    except (ConfigError, RunError) as error:
+        run_dir, summary = run_train(config_path, overrides, init_from)
+    except (ConfigError, RunError, CheckpointError) as error:
         _fail(str(error))
+    except NonFiniteLoss as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
     _report(run_dir, summary)
 
 
@@ -93,6 +113,7 @@ def resume(
 
     Example: pips resume runs/quick trainer.max_steps=1000
     """
+    from pips.training.callbacks import NonFiniteLoss
     from pips.training.run import RunError
     from pips.training.run import resume as run_resume
 
@@ -100,6 +121,9 @@ def resume(
         run_dir, summary = run_resume(run_dir, list(overrides or []))
     except (ConfigError, RunError) as error:
         _fail(str(error))
+    except NonFiniteLoss as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
     _report(run_dir, summary)
 
 
@@ -313,6 +337,88 @@ def compare(
         typer.echo(json.dumps(rows, indent=2))
         return
     _print_table(rows, COMPARE_COLUMNS)
+
+
+@app.command()
+def launch(
+    arguments: list[str] = typer.Argument(
+        ..., metavar="CONFIG.yaml [KEY=VALUE]...", help="a preset and overrides shared by all runs"
+    ),
+    sweep: list[str] = typer.Option(
+        None, "--sweep", help="key=v1,v2,... (repeat for a grid: the cartesian product)"
+    ),
+    torchrun: int = typer.Option(None, "--torchrun", min=1, help="processes per run (torchrun)"),
+    slurm: bool = typer.Option(False, "--slurm", help="write (and submit) an sbatch script"),
+    partition: str = typer.Option(None, "--partition", help="SLURM partition"),
+    account: str = typer.Option(None, "--account", help="SLURM account"),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="SLURM GPUs (= processes) per node"),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="SLURM nodes per run"),
+    cpus: int = typer.Option(8, "--cpus", min=1, help="SLURM CPUs per task"),
+    time_limit: str = typer.Option("24:00:00", "--time", help="SLURM time limit"),
+    name: str = typer.Option("run", "--name", help="run name (sweeps append key_value parts)"),
+    out: Path = typer.Option(Path("launch"), "--out", help="folder for the script and logs"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="write and print, start nothing"),
+) -> None:
+    """Start one run or a sweep with torchrun (one after another) or as a SLURM job array.
+
+    Example: pips launch configs/arc_base.yaml --sweep optim.lr.start=1e-4,3e-4 --slurm --gpus 4 --dry-run
+    """
+    import subprocess
+
+    from pips.training.launch import SlurmOptions, write_launch
+
+    config_path, overrides = _split_config(list(arguments or []))
+    if config_path is None:
+        _fail("pips launch needs a config file first, e.g. configs/arc_base.yaml")
+    options = None
+    if slurm:
+        options = SlurmOptions(partition, nodes, gpus, cpus, time_limit, account)
+    try:
+        script, commands = write_launch(
+            config_path, overrides, list(sweep or []), out, torchrun, options, name
+        )
+    except ConfigError as error:
+        _fail(str(error))
+    typer.echo(script.read_text())
+    typer.echo(f"# written to {script}")
+    if dry_run:
+        return
+    if commands is None:
+        result = subprocess.run(["sbatch", str(script)], check=False)
+        raise typer.Exit(result.returncode)
+    for command in commands:
+        result = subprocess.run(command, check=False)
+        if result.returncode:
+            raise typer.Exit(result.returncode)
+
+
+@app.command(name="lr-find", epilog=_options_table())
+def lr_find(
+    arguments: list[str] = typer.Argument(
+        None, metavar="[CONFIG.yaml] [KEY=VALUE]...", help="the model, data and optimizer"
+    ),
+    min_lr: float = typer.Option(1e-6, "--min", help="smallest learning rate tried"),
+    max_lr: float = typer.Option(1e-1, "--max", help="largest learning rate tried"),
+    steps: int = typer.Option(100, "--steps", min=5, help="steps of the search"),
+) -> None:
+    """Lightning's learning-rate finder on the real model and data: saves lr_find.png and
+    lr_find.json in a run folder and prints the suggestion (set it with optim.lr.start=...).
+
+    Example: pips lr-find configs/arc_demo.yaml --steps 100
+    """
+    from pips.training.lr_find import find_learning_rate
+    from pips.training.run import RunError
+
+    config_path, overrides = _split_config(list(arguments or []))
+    if config_path is None:
+        default = Path(__file__).resolve().parent.parent / "configs" / "arc_demo.yaml"
+        config_path = str(default) if default.is_file() else None
+    try:
+        run_dir, suggestion = find_learning_rate(config_path, overrides, min_lr, max_lr, steps)
+    except (ConfigError, RunError) as error:
+        _fail(str(error))
+    typer.echo(f"suggested learning rate: {suggestion:.3g}  (plot: {run_dir / 'lr_find.png'})")
+    typer.echo(f"use it with: optim.lr.start={suggestion:.3g}")
 
 
 KIND_NAMES = ("gumbel", "vq", "fsq", "lfq", "rvq", "gvq", "none")  # = shootout.KINDS (tested)

@@ -71,7 +71,14 @@ class DataConfig:
         0.1, "share of a folder's tasks held out (hash split)", min=0, max=1
     )
     eos: bool = option(True, "end every row with an EOS token")
-    batch_size: int = option(32, "training grids per batch", min=1)
+    batch_size: int = option(32, "training grids per batch on each device", min=1)
+    global_batch_size: int | None = option(
+        None,
+        "grids per optimizer step over all devices; when set, optim.accumulate is derived "
+        "(global / (batch_size x devices x nodes)) so the global batch and the learning rate "
+        "stay as configured when devices change",
+        min=1,
+    )
     val_batch_size: int = option(128, "validation grids per batch", min=1)
     max_samples: int | None = option(None, "use at most this many training grids", min=1)
     max_val_samples: int | None = option(
@@ -261,6 +268,51 @@ class TrainerConfig:
     threads: int | None = option(None, "torch CPU threads (None: torch's default)", min=1)
     deterministic: bool = option(False, "use deterministic algorithms")
     progress: bool = option(True, "show the progress bar")
+    checkpoint_every: int | None = option(
+        None, "also write checkpoints/last.ckpt every N steps (None: at each validation)", min=1
+    )
+    stop_at_step: int | None = option(
+        None,
+        "save last.ckpt and stop at this step, schedules unchanged (pips resume continues as "
+        "if the run had not stopped; e.g. for time-sliced jobs)",
+        min=1,
+    )
+    stop_signals: list[str] = option(
+        ["SIGINT", "SIGTERM"],
+        "signals that save last.ckpt and stop cleanly (add SIGUSR1 for SLURM pre-emption "
+        "with --signal=USR1@90); a second SIGINT exits at once",
+    )
+    skip_nonfinite: int = option(
+        0,
+        "batches with a NaN/inf loss to skip before stopping (0: stop at the first, naming the "
+        "step and the last finite loss terms)",
+        min=0,
+    )
+    ema_decay: float | None = option(
+        None,
+        "keep an exponential moving average of the weights with this decay (e.g. 0.999); "
+        "validation, checkpoints' final evaluation and the saved model use the average",
+        min=0,
+        max=1,
+    )
+    debug: bool = option(
+        False,
+        "a quick check: 64 training and 32 validation grids, at most 20 steps, no metric logs "
+        "(CSV/TensorBoard), autograd anomaly detection on",
+    )
+    profiler: str = option(
+        "none",
+        "light: per-step JSONL (data, forward+backward, optimizer, tokens/s, memory) in "
+        "profile.jsonl; torch: a torch.profiler trace of steps 5-10 in profile/",
+        ("none", "light", "torch"),
+    )
+    strategy: str = option(
+        "auto", "Lightning strategy for several devices", ("auto", "ddp", "fsdp", "ddp_spawn")
+    )
+    num_nodes: int = option(1, "machines (each with trainer.devices devices)", min=1)
+    wandb: bool = option(False, "also log to Weights & Biases (needs the wandb package)")
+    wandb_mode: str = option("offline", "wandb mode", ("offline", "online"))
+    wandb_project: str = option("pips", "wandb project")
 
 
 @dataclass
@@ -273,6 +325,10 @@ class Config:
     loss: LossConfig = option(LossConfig(), "loss")
     optim: OptimConfig = option(OptimConfig(), "optimizer")
     trainer: TrainerConfig = option(TrainerConfig(), "trainer")
+    init_from: str | None = option(
+        None,
+        "the checkpoint this run's weights started from (set by pips train --from; lineage)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,7 +592,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         _override(Config, values, keys, value)
     config = from_dict(Config, values)
     check_config(config)
+    derive(config)
     return config
+
+
+def derive(config: Config) -> None:
+    """Values that follow from others: the debug switch's limits, and the accumulation that
+    keeps ``data.global_batch_size`` whatever the number of devices."""
+    trainer, data = config.trainer, config.data
+    if trainer.debug:
+        data.max_samples = min(data.max_samples or 64, 64)
+        data.max_val_samples = min(data.max_val_samples or 32, 32)
+        data.max_final_val_samples = min(data.max_final_val_samples or 32, 32)
+        trainer.max_steps = min(trainer.max_steps, 20)
+        trainer.val_every = min(trainer.val_every, 10)
+        trainer.image_every = 0
+    if data.global_batch_size is not None:
+        per_step = data.batch_size * trainer.devices * trainer.num_nodes
+        if data.global_batch_size % per_step:
+            raise ConfigError(
+                f"config key 'data.global_batch_size' ({data.global_batch_size}) must be a "
+                f"multiple of data.batch_size x trainer.devices x trainer.num_nodes "
+                f"({data.batch_size} x {trainer.devices} x {trainer.num_nodes} = {per_step}); "
+                f"e.g. data.global_batch_size={per_step * max(data.global_batch_size // per_step, 1)}"
+            )
+        config.optim.accumulate = data.global_batch_size // per_step
 
 
 def check_config(config: Config) -> None:
@@ -553,6 +633,16 @@ def check_config(config: Config) -> None:
             f"config key 'model.quantizer.levels' needs at least one level and each >= 2; got "
             f"{model.quantizer.levels}"
         )
+    import signal
+
+    for name in config.trainer.stop_signals:
+        if not name.startswith("SIG") or not isinstance(
+            getattr(signal, name, None), signal.Signals
+        ):
+            raise ConfigError(
+                f"config key 'trainer.stop_signals' names {name!r}, which is not a signal here; "
+                f"use names like SIGINT, SIGTERM, SIGUSR1"
+            )
     side = math.isqrt(model.num_latents)
     if model.layout == "pooled" and model.slots == "regions" and side * side != model.num_latents:
         raise ConfigError(

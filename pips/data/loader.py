@@ -112,4 +112,7 @@ def make_dataloader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
+        # its own generator: starting an epoch's iterator draws a seed from it, not from torch's
+        # global stream, which a resumed run would then draw from at a different moment
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -3,7 +3,9 @@ trajectories of the latent loss terms."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,7 +85,7 @@ class TrainingProgress(L.Callback):
         self._recent_rate = (
             rate if self._recent_rate is None else 0.9 * self._recent_rate + 0.1 * rate
         )
-        if self.bar is not None:
+        if self.bar is not None and outputs is not None:  # None: a skipped batch
             self.bar.update(trainer.global_step - self.bar.n)
             metrics = trainer.callback_metrics
             loss = float(outputs["loss"])
@@ -300,3 +302,125 @@ class TermCurves(L.Callback):
     def on_train_end(self, trainer, module) -> None:
         if trainer.is_global_zero:
             self.draw(trainer)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf training loss; the message names the step and the last finite terms."""
+
+
+class RunGuard(L.Callback):
+    """Stops a run cleanly and keeps what it made.
+
+    - A signal in ``signals`` (SIGINT, SIGTERM, and e.g. SIGUSR1 for SLURM pre-emption) asks the
+      run to stop after the current step: ``checkpoints/last.ckpt`` is written (atomically) and
+      fit returns; a second SIGINT raises KeyboardInterrupt at once.
+    - ``stop_at_step``: the same stop at a given step, schedules unchanged.
+    - A NaN or inf loss: the batch is skipped (no backward, no optimizer step) up to
+      ``skip_nonfinite`` times; after that the run raises :class:`NonFiniteLoss` naming the step
+      and the last finite loss terms, and no checkpoint is written over the last good one.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        signals: list[str],
+        stop_at_step: int | None = None,
+        skip_nonfinite: int = 0,
+    ):
+        self.checkpoint = Path(checkpoint)
+        self.signals = [getattr(signal, name) for name in signals]
+        self.stop_at_step = stop_at_step
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped = 0
+        self.requested: str | None = None
+        self.stopped_at: int | None = None
+        self.last_finite: dict[str, float] = {}
+        self.validated_at: int | None = None
+        self._previous: dict[int, object] = {}
+
+    # ---------------------------------------------------------------------------- signals
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: now
+        self.requested = name
+        print(
+            f"\n{name}: stopping after this step and saving {self.checkpoint} "
+            f"(press Ctrl-C again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_train_start(self, trainer, module) -> None:
+        # after Lightning's own handlers (registered between on_fit_start and on_train_start),
+        # which would turn SIGTERM into an exception
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for number in self.signals:
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.restore()
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    # ---------------------------------------------------------------------------- stopping
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        reached = self.stop_at_step is not None and step >= self.stop_at_step
+        if not (self.requested or reached) or self.stopped_at is not None:
+            return
+        trainer.should_stop = True
+        # Lightning counts this step into its logging step only after on_train_batch_end, and a
+        # checkpoint saved here would resume with metrics logged one step behind: count it now
+        epoch_loop = trainer.fit_loop.epoch_loop
+        epoch_loop._batches_that_stepped += 1
+        try:
+            trainer.save_checkpoint(self.checkpoint)
+        finally:
+            epoch_loop._batches_that_stepped -= 1
+        self.stopped_at = step
+
+    def on_validation_end(self, trainer, module) -> None:
+        self.validated_at = trainer.global_step  # ModelCheckpoint saved last.ckpt here
+
+    def on_train_end(self, trainer, module) -> None:
+        """The final step is checkpointed too when no validation fell on it, so a later
+        `pips resume` with more steps continues from where training ended."""
+        step = trainer.global_step
+        if self.stopped_at is not None or step == 0 or self.validated_at == step:
+            return
+        trainer.save_checkpoint(self.checkpoint)
+
+    # ---------------------------------------------------------------------------- NaN / inf
+    def check_loss(self, step: int, total: torch.Tensor, terms: dict[str, float]) -> bool:
+        """True when the loss can be used; False to skip the batch; raises after the budget."""
+        if bool(torch.isfinite(total)):
+            self.last_finite = {"step": step, **terms}
+            return True
+        if self.skipped < self.skip_nonfinite:
+            self.skipped += 1
+            print(
+                f"step {step}: loss is {float(total)}; skipping this batch "
+                f"({self.skipped} of trainer.skip_nonfinite={self.skip_nonfinite})",
+                file=sys.stderr,
+            )
+            return False
+        last = self.last_finite
+        where = (
+            f"the last finite loss was at step {last['step']}: "
+            + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
+            if last
+            else "no step had a finite loss"
+        )
+        raise NonFiniteLoss(
+            f"the training loss became {float(total)} at step {step} ({where}); the last good "
+            f"checkpoint is kept. Lower optim.lr, set optim.grad_clip, or let the run skip such "
+            f"batches with trainer.skip_nonfinite=N"
+        )

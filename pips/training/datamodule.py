@@ -60,7 +60,15 @@ class GridDataModule(L.LightningDataModule):
             augmenter=augmenter,
             bucket=config.bucket,
             num_workers=config.num_workers,
+            **self._shard(),
         )
+
+    def _shard(self) -> dict[str, int]:
+        """This process's share of the batches under DDP (every rank sees different grids)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return {}
+        return {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader(self.periodic_val_records)

@@ -105,6 +105,8 @@ class GridDVAEModule(L.LightningModule):
         )
         self.val_metrics: ReconstructionMetrics | None = None
         self.last_codes: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        self.last_losses: dict[str, torch.Tensor] = {}  # this step's loss parts, detached
+        self.guard = None  # a RunGuard (set by the runner): NaN/inf checks of the loss
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -219,6 +221,10 @@ class GridDVAEModule(L.LightningModule):
         for name, term in terms.items():
             if weights.get(name, 0.0) > 0:  # mi, tc, dwkl come together
                 losses["total"] = losses["total"] + weights[name] * term
+        self.last_losses = {
+            **{name: value.detach() for name, value in losses.items() if name != "total"},
+            **{name: term.detach() for name, term in terms.items()},
+        }
         if not with_logs:
             return losses["total"], {}
 
@@ -246,9 +252,13 @@ class GridDVAEModule(L.LightningModule):
     def is_logging_step(self, step: int) -> bool:
         return (step + 1) % self.config.trainer.log_every == 0 or step == 0
 
-    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
         step = self.global_step
         total, logs = self.train_losses(batch, step, self.is_logging_step(step))
+        if self.guard is not None:
+            terms = {name: float(value) for name, value in self.last_losses.items()}
+            if not self.guard.check_loss(step, total.detach(), terms):
+                return None  # Lightning skips this batch's backward and optimizer step
         if logs:
             self.log_dict(logs, batch_size=len(batch))
         return {"loss": total}

