@@ -220,6 +220,41 @@ def decode(
 
 
 @app.command()
+def probe(
+    run: Path = RUN_OR_CHECKPOINT,
+    target: str = typer.Option(
+        ..., "--target", help="the grid property to recover: height, width, colours, dominant"
+    ),
+    features: str = typer.Option("codes", "--features", help="codes or activations"),
+    hidden: int = typer.Option(0, "--hidden", min=0, help="MLP hidden units (0: linear probe)"),
+    data: str = DATA_OPTION,
+    grids: int = typer.Option(2000, "--grids", min=10, help="at most this many grids"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """How well a probe recovers a grid property from the codes: held-out accuracy beside the
+    chance and majority baselines (70/30 split of the grids).
+
+    Example: pips probe runs/quick --target height --features codes
+    """
+    from pips.evaluation.commands import probe_run
+    from pips.evaluation.probe import ProbeError
+
+    try:
+        result = probe_run(run, target, features, hidden, data, grids)
+    except (*_checkpoint_errors(), ProbeError) as error:
+        _fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(
+        f"{result['target']} from {result['features']} ({result['probe']} probe): held-out "
+        f"accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}, majority "
+        f"{result['majority']:.3f}; {int(result['train_size'])} train / "
+        f"{int(result['test_size'])} test grids of {result['data']})"
+    )
+
+
+@app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="a run folder written by pips train"),
     out: Path = typer.Option(None, "--out", help="where to write it (default RUN_DIR/report.html)"),

@@ -268,6 +268,13 @@ class TrainerConfig:
     threads: int | None = option(None, "torch CPU threads (None: torch's default)", min=1)
     deterministic: bool = option(False, "use deterministic algorithms")
     progress: bool = option(True, "show the progress bar")
+    best_metric: str = option(
+        "val/cell_accuracy", "validation metric that picks the best checkpoints (val/...)"
+    )
+    best_mode: str = option(
+        "max", "whether a larger or smaller best_metric is better", ("max", "min")
+    )
+    keep_best: int = option(1, "best checkpoints to keep (0: none, only last.ckpt)", min=0)
     checkpoint_every: int | None = option(
         None, "also write checkpoints/last.ckpt every N steps (None: at each validation)", min=1
     )
@@ -635,6 +642,11 @@ def check_config(config: Config) -> None:
         )
     import signal
 
+    if not config.trainer.best_metric.startswith("val/"):
+        raise ConfigError(
+            f"config key 'trainer.best_metric' must name a validation metric (val/...), e.g. "
+            f"val/cell_accuracy or val/loss_cells; got {config.trainer.best_metric!r}"
+        )
     for name in config.trainer.stop_signals:
         if not name.startswith("SIG") or not isinstance(
             getattr(signal, name, None), signal.Signals

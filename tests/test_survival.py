@@ -445,3 +445,58 @@ def _same(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a == b
+
+
+def test_checkpoints_every_n_steps_and_the_best_k_by_a_chosen_metric(task_folder, tmp_path, cli):
+    result = cli(
+        "train",
+        *_common(task_folder, tmp_path),
+        "name=ck",
+        "trainer.max_steps=9",
+        "trainer.val_every=3",
+        "trainer.checkpoint_every=2",
+        "trainer.best_metric=val/loss_cells",
+        "trainer.best_mode=min",
+        "trainer.keep_best=2",
+    )
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "ck" / "checkpoints"
+    assert len(list(folder.glob("best-step*.ckpt"))) == 2
+    assert sorted(p.name for p in folder.glob("last*.ckpt")) == ["last.ckpt"]
+    assert not list(folder.glob(".*.tmp"))  # no temporary files left behind
+    from pips.evaluation.checkpoints import find_checkpoint
+    from pips.evaluation.plots import read_metrics
+
+    steps, losses = read_metrics(tmp_path / "ck" / "metrics.csv")["val/loss_cells"]
+    best_step = int(steps[losses.argmin()]) + 1  # logged at the step before it is counted
+    assert find_checkpoint(tmp_path / "ck").name == f"best-step{best_step}.ckpt"
+
+
+def test_torch_profiler_writes_a_trace(task_folder, tmp_path, cli):
+    result = cli(
+        "train",
+        *_common(task_folder, tmp_path),
+        "name=tp",
+        "trainer.max_steps=11",
+        "trainer.profiler=torch",
+    )
+    assert result.exit_code == 0, result.output
+    traces = list((tmp_path / "tp" / "profile").glob("*.json*"))
+    assert traces and traces[0].stat().st_size > 1000
+
+
+def test_asking_for_wandb_without_it_installed_is_one_sentence(task_folder, tmp_path, cli):
+    try:
+        import wandb  # noqa: F401
+
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    result = cli("train", *_common(task_folder, tmp_path), "name=wb", "trainer.wandb=true")
+    assert result.exit_code == 2
+    assert "pip install wandb" in result.output
+
+
+def test_best_metric_must_be_a_validation_metric(cli):
+    result = cli("train", TINY_CONFIG, "trainer.best_metric=train/loss")
+    assert result.exit_code == 2 and "val/cell_accuracy" in result.output

@@ -48,6 +48,8 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
         )
     best = sorted(folder.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
     last = folder / "last.ckpt"
+    if len(best) > 1 and last.is_file():  # trainer.keep_best > 1: ask the checkpoint callback
+        best = [_best_model_path(last, folder) or best[-1]]
     candidates = ([best[-1]] if best else []) + ([last] if last.is_file() else [])
     if which == "last":
         candidates.reverse()
@@ -57,6 +59,21 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
             f"before its first validation; train it longer, or resume it with pips resume {path}"
         )
     return candidates[0]
+
+
+def _best_model_path(last: Path, folder: Path) -> Path | None:
+    """The best checkpoint the run's ModelCheckpoint recorded in ``last``, if it still exists."""
+    try:
+        states = torch.load(last, map_location="cpu", weights_only=False).get("callbacks", {})
+    except Exception:  # a damaged last.ckpt: fall back to the newest best file
+        return None
+    for key, state in states.items():
+        monitored = isinstance(state, dict) and state.get("monitor")
+        if key.startswith("ModelCheckpoint") and monitored and state.get("best_model_path"):
+            path = folder / Path(state["best_model_path"]).name
+            if path.is_file():
+                return path
+    return None
 
 
 def read_checkpoint(path: Path) -> dict:

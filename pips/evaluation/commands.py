@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pips.data.arc import SPLITS, GridRecord, load_grids
@@ -131,4 +132,43 @@ def decode_to_file(
         "grids": len(grids),
         "tasks": tasks,
         "out": str(out),
+    }
+
+
+def probe_run(
+    path: str | Path,
+    target: str,
+    features: str = "codes",
+    hidden: int = 0,
+    spec: str | None = None,
+    max_grids: int = 2000,
+    which: str = "best",
+) -> dict:
+    """Fit a probe from a run's codes (or activations) to a grid property; held-out accuracy."""
+    from pips.evaluation.probe import GRID_PROPERTIES, ProbeError, fit_probe, grid_features, split
+
+    if target not in GRID_PROPERTIES:
+        raise ProbeError(
+            f"--target must be one of {', '.join(GRID_PROPERTIES)} for ARC grids; got {target!r}"
+        )
+    loaded = load_model(path, which)
+    records, note = data_records(loaded, spec)
+    if len(records) > max_grids:
+        stride = len(records) / max_grids
+        records = [records[int(i * stride)] for i in range(max_grids)]
+    grids = [record.grid for record in records]
+    targets = np.array([GRID_PROPERTIES[target](grid) for grid in grids])
+    result = grid_features(loaded.model, grids, features)
+    codebook = None
+    if isinstance(result, tuple):
+        result, codebook = result
+    train, test = split(len(grids))
+    scores = fit_probe(result, targets, train, test, codebook=codebook, hidden=hidden)
+    return {
+        "checkpoint": str(loaded.checkpoint),
+        "data": note,
+        "target": target,
+        "features": features,
+        "probe": f"mlp({hidden})" if hidden else "linear",
+        **scores,
     }

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from pips.losses.kl import _check_logits
+from pips.losses.kl import _check_logits, mean_over_ranks
 
 ESTIMATORS = ("mws", "mss")
 TERMS = ("mutual_information", "total_correlation", "dimension_wise_kl")
@@ -272,6 +272,6 @@ class SlotMarginalEMA(nn.Module):
     def update(self, batch_marginals: torch.Tensor) -> None:
         """Fold one batch's ``[N, K]`` marginals into the running average."""
         self.ema.mul_(self.decay).add_(
-            batch_marginals.detach().to(self.ema.dtype), alpha=1 - self.decay
+            mean_over_ranks(batch_marginals.detach().to(self.ema.dtype)), alpha=1 - self.decay
         )
         self.num_updates += 1

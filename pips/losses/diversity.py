@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from pips.losses.kl import _check_logits, _check_temperature
+from pips.losses.kl import _check_logits, _check_temperature, mean_over_ranks
 
 
 def _log_probs(logits: torch.Tensor, temperature: float, caller: str) -> torch.Tensor:
@@ -131,6 +131,6 @@ class CodeUsageKL(nn.Module):
     def update(self, batch_usage: torch.Tensor) -> None:
         """Fold one batch's usage ``[K]`` into the running average."""
         self.ema.mul_(self.decay).add_(
-            batch_usage.detach().to(self.ema.dtype), alpha=1 - self.decay
+            mean_over_ranks(batch_usage.detach().to(self.ema.dtype)), alpha=1 - self.decay
         )
         self.num_updates += 1

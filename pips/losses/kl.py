@@ -168,3 +168,15 @@ def monte_carlo_kl_to_uniform(
         )  # [S, B, N]
     kl = log_ratio.sum(-1).mean()
     return kl / num_latents if per_latent else kl
+
+
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over data-parallel ranks (itself outside torch.distributed), so a
+    running estimate built from per-rank batches stays the same on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()

@@ -315,6 +315,8 @@ class RunGuard(L.Callback):
       run to stop after the current step: ``checkpoints/last.ckpt`` is written (atomically) and
       fit returns; a second SIGINT raises KeyboardInterrupt at once.
     - ``stop_at_step``: the same stop at a given step, schedules unchanged.
+    - ``checkpoint_every``: ``last.ckpt`` every N steps as well (ModelCheckpoint writes it at
+      each validation), and at the end of training when no validation fell on the last step.
     - A NaN or inf loss: the batch is skipped (no backward, no optimizer step) up to
       ``skip_nonfinite`` times; after that the run raises :class:`NonFiniteLoss` naming the step
       and the last finite loss terms, and no checkpoint is written over the last good one.
@@ -326,11 +328,13 @@ class RunGuard(L.Callback):
         signals: list[str],
         stop_at_step: int | None = None,
         skip_nonfinite: int = 0,
+        checkpoint_every: int | None = None,
     ):
         self.checkpoint = Path(checkpoint)
         self.signals = [getattr(signal, name) for name in signals]
         self.stop_at_step = stop_at_step
         self.skip_nonfinite = skip_nonfinite
+        self.checkpoint_every = checkpoint_every
         self.skipped = 0
         self.requested: str | None = None
         self.stopped_at: int | None = None
@@ -373,10 +377,17 @@ class RunGuard(L.Callback):
     # ---------------------------------------------------------------------------- stopping
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        reached = self.stop_at_step is not None and step >= self.stop_at_step
-        if not (self.requested or reached) or self.stopped_at is not None:
+        if self.stopped_at is not None:
             return
-        trainer.should_stop = True
+        reached = self.stop_at_step is not None and step >= self.stop_at_step
+        if self.requested or reached:
+            trainer.should_stop = True
+            self._save_in_batch(trainer)
+            self.stopped_at = step
+        elif self.checkpoint_every and step > 0 and step % self.checkpoint_every == 0:
+            self._save_in_batch(trainer)
+
+    def _save_in_batch(self, trainer) -> None:
         # Lightning counts this step into its logging step only after on_train_batch_end, and a
         # checkpoint saved here would resume with metrics logged one step behind: count it now
         epoch_loop = trainer.fit_loop.epoch_loop
@@ -385,7 +396,6 @@ class RunGuard(L.Callback):
             trainer.save_checkpoint(self.checkpoint)
         finally:
             epoch_loop._batches_that_stepped -= 1
-        self.stopped_at = step
 
     def on_validation_end(self, trainer, module) -> None:
         self.validated_at = trainer.global_step  # ModelCheckpoint saved last.ckpt here

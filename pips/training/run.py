@@ -127,23 +127,11 @@ def _build_trainer(
             dirpath=run_dir / "checkpoints",
             filename="best-step{step}",
             auto_insert_metric_name=False,
-            monitor="val/cell_accuracy",
-            mode="max",
-            save_top_k=1,
+            monitor=trainer_config.best_metric,
+            mode=trainer_config.best_mode,
+            save_top_k=trainer_config.keep_best,
             save_last=True,
-        ),
-        *(
-            [
-                ModelCheckpoint(
-                    dirpath=run_dir / "checkpoints",
-                    filename="last",
-                    every_n_train_steps=trainer_config.checkpoint_every,
-                    save_top_k=1,
-                    enable_version_counter=False,
-                )
-            ]
-            if trainer_config.checkpoint_every
-            else []
+            enable_version_counter=False,  # last.ckpt is one file, also written by RunGuard
         ),
         ReconstructionImages(run_dir / "images", trainer_config.image_every, image_batch),
         CodebookMonitor(
@@ -293,6 +281,7 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
         config.trainer.stop_signals,
         config.trainer.stop_at_step,
         config.trainer.skip_nonfinite,
+        config.trainer.checkpoint_every,
     )
     module.guard = guard
     if config.init_from and ckpt_path is None:
