@@ -27,14 +27,21 @@ def _options_table() -> str:
     return "".join(lines)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    """One sentence on stderr and exit ``code`` (2: the user's input; 1: the run failed)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
-def _split_config(arguments: list[str]) -> tuple[str | None, list[str]]:
+def _split_config(arguments: list[str], default_demo: bool = False) -> tuple[str | None, list[str]]:
+    """(config file, overrides); with ``default_demo`` a missing file is configs/arc_demo.yaml
+    when this is a checkout that has it."""
     if arguments and arguments[0].endswith((".yaml", ".yml")):
         return arguments[0], arguments[1:]
+    if default_demo:
+        demo = Path(__file__).resolve().parent.parent / "configs" / "arc_demo.yaml"
+        if demo.is_file():
+            return str(demo), arguments
     return None, arguments
 
 
@@ -88,17 +95,13 @@ def train(
     from pips.training.run import RunError
     from pips.training.run import train as run_train
 
-    config_path, overrides = _split_config(list(arguments or []))
-    if config_path is None:
-        default = Path(__file__).resolve().parent.parent / "configs" / "arc_demo.yaml"
-        config_path = str(default) if default.is_file() else None
+    config_path, overrides = _split_config(list(arguments or []), default_demo=True)
     try:
         run_dir, summary = run_train(config_path, overrides, init_from)
     except (ConfigError, RunError, CheckpointError) as error:
         _fail(str(error))
     except NonFiniteLoss as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=1) from None
+        _fail(str(error), code=1)
     _report(run_dir, summary)
 
 
@@ -122,8 +125,7 @@ def resume(
     except (ConfigError, RunError) as error:
         _fail(str(error))
     except NonFiniteLoss as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=1) from None
+        _fail(str(error), code=1)
     _report(run_dir, summary)
 
 
@@ -444,10 +446,7 @@ def lr_find(
     from pips.training.lr_find import find_learning_rate
     from pips.training.run import RunError
 
-    config_path, overrides = _split_config(list(arguments or []))
-    if config_path is None:
-        default = Path(__file__).resolve().parent.parent / "configs" / "arc_demo.yaml"
-        config_path = str(default) if default.is_file() else None
+    config_path, overrides = _split_config(list(arguments or []), default_demo=True)
     try:
         run_dir, suggestion = find_learning_rate(config_path, overrides, min_lr, max_lr, steps)
     except (ConfigError, RunError) as error:
@@ -483,10 +482,7 @@ def shootout(
     from pips.evaluation.shootout import run_shootout
     from pips.training.run import RunError
 
-    config_path, overrides = _split_config(list(arguments or []))
-    if config_path is None:
-        default = Path(__file__).resolve().parent.parent / "configs" / "arc_demo.yaml"
-        config_path = str(default) if default.is_file() else None
+    config_path, overrides = _split_config(list(arguments or []), default_demo=True)
     chosen = tuple(kind.strip() for kind in kinds.split(",") if kind.strip())
     try:
         root, rows = run_shootout(
