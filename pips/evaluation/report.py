@@ -180,7 +180,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
         if key not in ("status", "steps", "wall_seconds")
     ]
     facts += [
-        (f"report: cell accuracy on {len(records)} validation grids", _format(accuracy.mean())),
+        (
+            f"report: mean per-grid cell accuracy on {len(records)} validation grids",
+            _format(accuracy.mean()),
+        ),
         (f"report: exact grids on {len(records)} validation grids", _format(exact.mean())),
     ]
     sections["Summary"] = _table(facts)
