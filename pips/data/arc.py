@@ -207,6 +207,15 @@ def _looks_like_path(source: str) -> bool:
     return any(mark in source for mark in ("/", "\\", ".")) or source.startswith("~")
 
 
+def spread_evenly(items: list, limit: int | None) -> list:
+    """At most ``limit`` of ``items``, evenly spaced over the list (so over all tasks), in order;
+    all of them when ``limit`` is None or not smaller."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    stride = len(items) / limit
+    return [items[int(i * stride)] for i in range(limit)]
+
+
 def load_grids(
     source: str = "arc1",
     split: str = "training",

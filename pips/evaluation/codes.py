@@ -23,7 +23,7 @@ import torch
 from pips.data.arc import GridRecord
 from pips.data.batch import collate_grids
 from pips.data.vocab import MAX_GRID_SIZE
-from pips.evaluation.evaluate import decode_on_sizes, decode_patches
+from pips.evaluation.evaluate import decode_patches, decode_slots
 from pips.models.grid_dvae import GridDVAE
 
 
@@ -160,9 +160,7 @@ def _decode_pooled(model: GridDVAE, chunk: list[np.ndarray], device) -> list[np.
     batch, slots = quantized.shape[:2]
     positions = torch.zeros(batch, slots, 2, dtype=torch.long, device=device)
     padding = torch.zeros(batch, slots, dtype=torch.bool, device=device)
-    height_logits, width_logits = model.predict_shape(model.code_projection(quantized), padding)
-    sizes = torch.stack([height_logits.argmax(-1), width_logits.argmax(-1)], dim=-1) + 1
-    return decode_on_sizes(model, quantized, positions, padding, sizes)
+    return decode_slots(model, quantized, positions, padding)
 
 
 def _decode_spatial(model, chunk: list[np.ndarray], pad_weight: float, device):

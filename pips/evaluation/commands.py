@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pips.data.arc import SPLITS, GridRecord, load_grids
+from pips.data.arc import SPLITS, GridRecord, load_grids, spread_evenly
 from pips.data.loader import make_dataloader
 from pips.evaluation.checkpoints import LoadedModel, load_model
 from pips.evaluation.codes import (
@@ -153,10 +153,7 @@ def probe_run(
         )
     loaded = load_model(path, which)
     records, note = data_records(loaded, spec)
-    if len(records) > max_grids:
-        stride = len(records) / max_grids
-        records = [records[int(i * stride)] for i in range(max_grids)]
-    grids = [record.grid for record in records]
+    grids = [record.grid for record in spread_evenly(records, max_grids)]
     targets = np.array([GRID_PROPERTIES[target](grid) for grid in grids])
     result = grid_features(loaded.model, grids, features)
     codebook = None

@@ -68,12 +68,7 @@ def reconstruct(
         p = model.output_patch
         rows, cols = -(-batch.canvas_height // p), -(-batch.canvas_width // p)
         return decode_patches(model, quantized, encoded.latent_padding, rows, cols, pad_weight > 0)
-    codes = model.code_projection(quantized)
-    height_logits, width_logits = model.predict_shape(codes, encoded.latent_padding)
-    sizes = torch.stack([height_logits.argmax(-1), width_logits.argmax(-1)], dim=-1) + 1
-    return decode_on_sizes(
-        model, quantized, encoded.latent_positions, encoded.latent_padding, sizes
-    )
+    return decode_slots(model, quantized, encoded.latent_positions, encoded.latent_padding)
 
 
 def decode_patches(
@@ -101,14 +96,16 @@ def decode_patches(
     return crop_grids(colours.view(batch, canvas_height, canvas_width), sizes)
 
 
-def decode_on_sizes(
+def decode_slots(
     model: GridDVAE,
     quantized: torch.Tensor,  # [B, N, D]
     positions: torch.Tensor,  # [B, N, 2]
     padding: torch.Tensor,  # [B, N]
-    sizes: torch.Tensor,  # [B, 2]
 ) -> list[np.ndarray]:
-    """Pooled layout: decode on a canvas of the given grid sizes, then crop each grid."""
+    """Pooled layout: the size heads read each grid's size off its codes; decode on a canvas
+    of those sizes, then crop each grid."""
+    height_logits, width_logits = model.predict_shape(model.code_projection(quantized), padding)
+    sizes = torch.stack([height_logits.argmax(-1), width_logits.argmax(-1)], dim=-1) + 1
     batch = sizes.shape[0]
     eos = int(model.eos)
     canvas_height, canvas_width = int(sizes[:, 0].max()), int(sizes[:, 1].max()) + eos

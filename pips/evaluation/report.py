@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pips.data.arc import GridRecord, load_grids
+from pips.data.arc import spread_evenly
 from pips.data.batch import collate_grids
 from pips.evaluation.checkpoints import CheckpointError, find_checkpoint, load_model
+from pips.evaluation.commands import data_records
 from pips.evaluation.evaluate import predict, reconstruct
 from pips.evaluation.plots import plot_code_usage, plot_curves, read_metrics, save_reconstructions
 from pips.evaluation.runs import format_seconds, is_run_dir, run_row
@@ -65,14 +66,6 @@ def _format(value) -> str:
             return "-"
         return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
     return "-" if value is None else str(value)
-
-
-def _validation_records(config, limit: int) -> list[GridRecord]:
-    data = config.data
-    train = load_grids(data.source, data.train_split, data.val_fraction, data.max_samples)
-    records = load_grids(data.source, data.val_split, data.val_fraction, exclude=train)
-    stride = max(len(records) / limit, 1.0)
-    return [records[int(i * stride)] for i in range(min(limit, len(records)))]
 
 
 @torch.no_grad()
@@ -154,7 +147,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
 
-    records = _validation_records(config, max_grids)
+    records = spread_evenly(data_records(loaded, None)[0], max_grids)
     accuracy, exact, code_rows = _score_grids(model, records, pad_weight)
     ranking = sorted(range(len(records)), key=lambda i: (accuracy[i], records[i].grid.size))
     shown = min(6, len(records) // 2)

@@ -164,14 +164,10 @@ class CodebookMonitor(L.Callback):
             indices = indices.unsqueeze(-1)  # [B, N, S]
         keep = ~padding
         size = self.codebook_size
-        if self.slotted:  # one row per (slot, level)
-            codes = indices.flatten(1)  # [B, N*S]
-            rows = codes.shape[1]
-            ids = codes + torch.arange(rows, device=codes.device) * size
-        else:  # one row per level, pooling positions
-            codes = indices[keep]  # [M, S]
-            rows = codes.shape[1]
-            ids = codes + torch.arange(rows, device=codes.device) * size
+        # slotted: one row per (slot, level) [B, N*S]; else one per level over positions [M, S]
+        codes = indices.flatten(1) if self.slotted else indices[keep]
+        rows = codes.shape[1]
+        ids = codes + torch.arange(rows, device=codes.device) * size
         counts = torch.bincount(ids.reshape(-1), minlength=rows * size).view(rows, size)
         counts = counts.double().cpu()
         return counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
@@ -338,7 +334,7 @@ class RunGuard(L.Callback):
         self.skipped = 0
         self.requested: str | None = None
         self.stopped_at: int | None = None
-        self.last_finite: dict[str, float] = {}
+        self.last_finite: dict[str, object] = {}  # step and the loss terms of the last finite step
         self.validated_at: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -409,8 +405,11 @@ class RunGuard(L.Callback):
         trainer.save_checkpoint(self.checkpoint)
 
     # ---------------------------------------------------------------------------- NaN / inf
-    def check_loss(self, step: int, total: torch.Tensor, terms: dict[str, float]) -> bool:
-        """True when the loss can be used; False to skip the batch; raises after the budget."""
+    def check_loss(self, step: int, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:
+        """True when the loss can be used; False to skip the batch; raises after the budget.
+
+        ``terms`` (detached tensors) are kept as they are and read only for the error message,
+        so a finite step costs one device sync (the isfinite check), not one per term."""
         if bool(torch.isfinite(total)):
             self.last_finite = {"step": step, **terms}
             return True
@@ -425,7 +424,7 @@ class RunGuard(L.Callback):
         last = self.last_finite
         where = (
             f"the last finite loss was at step {last['step']}: "
-            + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
+            + ", ".join(f"{k}={float(v):.4g}" for k, v in last.items() if k != "step")
             if last
             else "no step had a finite loss"
         )

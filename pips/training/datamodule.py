@@ -6,7 +6,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from pips.config import DataConfig
-from pips.data.arc import GridRecord, load_grids
+from pips.data.arc import GridRecord, load_grids, spread_evenly
 from pips.data.augment import GridAugmenter
 from pips.data.loader import make_dataloader
 
@@ -31,22 +31,15 @@ class GridDataModule(L.LightningDataModule):
             config.source, config.val_split, config.val_fraction, exclude=self.train_records
         )
 
-    def _spread(self, limit: int | None) -> list[GridRecord]:
-        """At most ``limit`` validation grids, spread over all tasks, deterministically."""
-        if limit is None or limit >= len(self.val_records):
-            return self.val_records
-        stride = len(self.val_records) / limit
-        return [self.val_records[int(i * stride)] for i in range(limit)]
-
     @property
     def periodic_val_records(self) -> list[GridRecord]:
         """The validation grids seen during training."""
-        return self._spread(self.config.max_val_samples)
+        return spread_evenly(self.val_records, self.config.max_val_samples)
 
     @property
     def final_val_records(self) -> list[GridRecord]:
         """The grids of the evaluation after training (all, unless max_final_val_samples)."""
-        return self._spread(self.config.max_final_val_samples)
+        return spread_evenly(self.val_records, self.config.max_final_val_samples)
 
     def train_dataloader(self) -> DataLoader:
         config = self.config

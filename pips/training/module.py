@@ -256,8 +256,7 @@ class GridDVAEModule(L.LightningModule):
         step = self.global_step
         total, logs = self.train_losses(batch, step, self.is_logging_step(step))
         if self.guard is not None:
-            terms = {name: float(value) for name, value in self.last_losses.items()}
-            if not self.guard.check_loss(step, total.detach(), terms):
+            if not self.guard.check_loss(step, total.detach(), self.last_losses):
                 return None  # Lightning skips this batch's backward and optimizer step
         if logs:
             self.log_dict(logs, batch_size=len(batch))
