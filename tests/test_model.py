@@ -119,6 +119,38 @@ def test_region_slots_start_from_their_regions_and_seed_their_cells(small_grids,
     assert latents.grad[0].abs().sum() == 0  # grids do not mix
 
 
+def test_local_slots_pool_only_from_their_own_region(large_grids):
+    """slots=local: each slot's pooling cross-attention sees exactly the tokens its region
+    averages (a per-query mask), and a per-query mask hides those keys from that query alone."""
+    from pips.nn.transformer import Attention
+
+    model = _model("model.layout=pooled", "model.slots=local", "model.num_latents=4").eval()
+    batch = collate_grids(large_grids[:2])
+    _, _, padding, (hp, wp) = model.embed_tokens(
+        batch.tokens, batch.canvas_height, batch.canvas_width
+    )
+    h = torch.randn(2, hp * wp, model.width)
+    means, inside = model._region_means(h, padding, hp, wp)
+    for b in range(2):
+        for slot in range(4):
+            keys = inside[b, slot]
+            assert keys.any() and not (keys & padding[b]).any()
+            torch.testing.assert_close(means[b, slot], h[b, keys].mean(0))
+
+    torch.manual_seed(0)
+    attention = Attention(16, 2).eval()
+    x, context = torch.randn(1, 3, 16), torch.randn(1, 5, 16)
+    hidden = torch.zeros(1, 3, 5, dtype=torch.bool)
+    hidden[0, 0, 3:] = True  # query 0 may not look at keys 3 and 4
+    changed = context.clone()
+    changed[0, 3:] += 1.0
+    with torch.no_grad():
+        out = attention(x, context, key_padding_mask=hidden)
+        out_changed = attention(x, changed, key_padding_mask=hidden)
+    torch.testing.assert_close(out[0, 0], out_changed[0, 0])
+    assert (out[0, 1:] - out_changed[0, 1:]).abs().max() > 1e-3
+
+
 def test_region_slots_need_a_square_number_of_slots():
     from pips.config import ConfigError
 

@@ -96,7 +96,7 @@ class GridDVAE(nn.Module):
         self.token_patch = config.patch_size if config.patch_tokens else 1
         self.spatial = config.layout == "spatial"
         self.region_side = (
-            math.isqrt(config.num_latents) if not self.spatial and config.slots == "regions" else 0
+            math.isqrt(config.num_latents) if not self.spatial and config.slots != "learned" else 0
         )
         head_dim = width // config.heads
         block_args = dict(
@@ -180,8 +180,12 @@ class GridDVAE(nn.Module):
         if self.spatial:
             latents, latent_positions, latent_padding = self._pool_patches(h, padding, hp, wp)
         else:
-            initial = self._region_means(h, padding, hp, wp) if self.region_side else None
-            latents = self.pooling(h, rope, padding, initial)  # [B, N, D]
+            initial, pool_mask = None, padding
+            if self.region_side:
+                initial, inside = self._region_means(h, padding, hp, wp)
+                if self.config.slots == "local":  # each slot attends to its own region only
+                    pool_mask = ~inside | padding.unsqueeze(1)  # [B, N, P]
+            latents = self.pooling(h, rope, pool_mask, initial)  # [B, N, D]
             latent_positions = torch.zeros(
                 latents.shape[0], latents.shape[1], 2, dtype=torch.long, device=h.device
             )
@@ -216,14 +220,17 @@ class GridDVAE(nn.Module):
         return inside.any(2).sum(1), inside.any(1).sum(1)  # [B], [B]
 
     def _region_means(self, h: torch.Tensor, padding: torch.Tensor, hp: int, wp: int):
-        """Pooled ``regions`` slots: mean encoder token of each of the side x side regions."""
+        """Pooled ``regions`` slots: mean encoder token of each of the side x side regions [B, N, D],
+        and which tokens each region holds [B, N, hp * wp]."""
         rows, cols = self._region_sizes(padding, hp, wp)
         side = self.region_side
         row_weights = region_matrix(rows, hp, side).to(h.dtype)  # [B, S, hp]
         col_weights = region_matrix(cols, wp, side).to(h.dtype)  # [B, S, wp]
         board = h.view(h.shape[0], hp, wp, -1)
         means = torch.einsum("bri,bcj,bijd->brcd", row_weights, col_weights, board)
-        return means.reshape(h.shape[0], side * side, -1)
+        inside = (row_weights > 0).unsqueeze(2).unsqueeze(4) & (col_weights > 0)[:, None, :, None]
+        inside = inside.reshape(h.shape[0], side * side, hp * wp)  # [B, N, hp * wp]
+        return means.reshape(h.shape[0], side * side, -1), inside
 
     def _region_codes(self, codes: torch.Tensor, padding: torch.Tensor, hp: int, wp: int):
         """[B, hp * wp, D]: each patch's own region code (zero outside the grid)."""

@@ -36,7 +36,7 @@ class LatentPooling(nn.Module):
         self,
         tokens: torch.Tensor,  # [B, L, D]
         rope: Rope,
-        padding_mask: torch.Tensor,  # [B, L] True = padding
+        padding_mask: torch.Tensor,  # [B, L] True = padding, or [B, N, L] per latent
         initial: torch.Tensor | None = None,  # [B, N, D] added to the learned queries
     ) -> torch.Tensor:
         latents = self.latent_queries.expand(tokens.shape[0], -1, -1)  # [B, N, D]

@@ -38,7 +38,7 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,  # [B, Lk, D]
         query_rope: Rope | None = None,
         key_rope: Rope | None = None,
-        key_padding_mask: torch.Tensor | None = None,  # [B, Lk] bool, True = ignore
+        key_padding_mask: torch.Tensor | None = None,  # [B, Lk] or [B, Lq, Lk] bool, True = ignore
     ) -> torch.Tensor:
         context = x if context is None else context
         batch, query_length, width = x.shape
@@ -52,7 +52,10 @@ class Attention(nn.Module):
             k = apply_rope_2d(k, key_rope)
         mask = None
         if key_padding_mask is not None:
-            mask = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk] True = attend
+            if key_padding_mask.dim() == 3:  # a mask per query
+                mask = ~key_padding_mask[:, None]  # [B, 1, Lq, Lk] True = attend
+            else:
+                mask = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk] True = attend
         h = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # [B, H, Lq, hd]
@@ -114,7 +117,7 @@ class Block(nn.Module):
         padding_mask: torch.Tensor | None = None,  # [B, L] True = padding
         context: torch.Tensor | None = None,  # [B, Lc, D]
         context_rope: Rope | None = None,
-        context_padding_mask: torch.Tensor | None = None,  # [B, Lc]
+        context_padding_mask: torch.Tensor | None = None,  # [B, Lc] or [B, L, Lc]
     ) -> torch.Tensor:
         if self.self_attention is not None:
             h = self.self_norm(x)

@@ -330,7 +330,10 @@ class GridDVAEModule(L.LightningModule):
             lr=1.0,
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,
-            fused=torch.cuda.is_available() and self.config.trainer.accelerator != "cpu",
+            # Lightning refuses to clip the gradients of a fused optimizer under mixed precision
+            fused=torch.cuda.is_available()
+            and self.config.trainer.accelerator != "cpu"
+            and (optim.grad_clip is None or self.config.trainer.precision == "32"),
         )
         lr = self.schedules["lr"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr(step))
