@@ -147,8 +147,9 @@ class ModelConfig:
         "learned",
         "pooled: learned = slot queries that attend anywhere; regions = a sqrt(N) x sqrt(N) grid "
         "of slots, each starting from the mean of its region of the grid (scaled to the grid's "
-        "size) and seeding the decoder's cells in that region",
-        ("learned", "regions"),
+        "size) and seeding the decoder's cells in that region; local = regions whose pooling "
+        "attends only to the tokens of the slot's own region",
+        ("learned", "regions", "local"),
     )
     patch_size: int = option(2, "spatial: cells per code along each side", min=1, max=30)
     patch_tokens: bool = option(False, "spatial: embed p x p patches as encoder tokens")
@@ -322,16 +323,79 @@ class TrainerConfig:
     wandb_project: str = option("pips", "wandb project")
 
 
+IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "folder")
+TASKS = ("grids", "images", "sequences")
+
+
+@dataclass
+class ImageConfig:
+    dataset: str = option(
+        "digits",
+        "digits (scikit-learn's bundled 8x8 digits, offline), mnist or fashion-mnist (the IDX "
+        "files in images.folder), or folder (PNG/JPEG files under images.folder)",
+        IMAGE_DATASETS,
+    )
+    folder: str | None = option(None, "the folder of the IDX files or of the images")
+    size: int | None = option(
+        None, "resize to size x size pixels (None: the dataset's own size; folder needs it)", min=4
+    )
+    grayscale: bool = option(False, "folder: read images as one channel")
+    val_fraction: float = option(
+        0.2, "share of images held out for validation (MNIST uses its test files)", min=0, max=0.9
+    )
+    backbone: str = option(
+        "conv",
+        "conv (residual conv encoder/decoder) or vit (transformer over patches)",
+        ("conv", "vit"),
+    )
+    downsample: int = option(
+        1, "conv: halvings of the resolution (codes per side = size / 2**downsample)", min=0, max=6
+    )
+    channels: int = option(64, "conv: hidden channels", min=4)
+    res_blocks: int = option(2, "conv: residual blocks at each resolution", min=0)
+    patch_size: int = option(2, "vit: pixels per patch side (one code per patch)", min=1)
+    dct: bool = option(
+        False, "vit: embed patches by their block DCT in zigzag order (inverse DCT on the way out)"
+    )
+    reconstruction: str = option(
+        "l2",
+        "pixel loss: l2, l1 or logit_laplace (DALL-E's, eps 0.1)",
+        ("l2", "l1", "logit_laplace"),
+    )
+
+
+@dataclass
+class SequenceConfig:
+    preset: str = option(
+        "gssm_sparse",
+        "the GSSM to sample (a preset of pips.data.gssm: gssm_sparse, gssm_dense, "
+        "gssm_low_entropy)",
+    )
+    generator_seed: int = option(0, "seed of the GSSM's kernels (the process itself)")
+    length: int = option(64, "tokens per sequence", min=2)
+    train_sequences: int = option(4096, "training sequences sampled", min=1)
+    val_sequences: int = option(512, "validation sequences sampled (a different seed)", min=1)
+    train_file: str | None = option(
+        None, "an .npz of pips.data.gssm.save_sequences to train on instead of sampling"
+    )
+    val_file: str | None = option(None, "an .npz to validate on instead of sampling")
+
+
 @dataclass
 class Config:
     name: str | None = option(None, "run name (default: a timestamp)")
     run_root: str = option("runs", "folder that holds run folders")
     seed: int = option(0, "seeds data order, augmentation, init and sampling")
+    task: str = option(
+        "grids", "what the codes are learned of: ARC grids, images or GSSM sequences", TASKS
+    )
     data: DataConfig = option(DataConfig(), "data")
     model: ModelConfig = option(ModelConfig(), "model")
     loss: LossConfig = option(LossConfig(), "loss")
     optim: OptimConfig = option(OptimConfig(), "optimizer")
     trainer: TrainerConfig = option(TrainerConfig(), "trainer")
+    images: ImageConfig = option(ImageConfig(), "images (task: images)")
+    sequences: SequenceConfig = option(SequenceConfig(), "GSSM sequences (task: sequences)")
     init_from: str | None = option(
         None,
         "the checkpoint this run's weights started from (set by pips train --from; lineage)",
@@ -656,9 +720,9 @@ def check_config(config: Config) -> None:
                 f"use names like SIGINT, SIGTERM, SIGUSR1"
             )
     side = math.isqrt(model.num_latents)
-    if model.layout == "pooled" and model.slots == "regions" and side * side != model.num_latents:
+    if model.layout == "pooled" and model.slots != "learned" and side * side != model.num_latents:
         raise ConfigError(
-            f"config key 'model.num_latents' must be a square number with model.slots=regions "
+            f"config key 'model.num_latents' must be a square number with model.slots=regions or local "
             f"(a side x side grid of slots); got {model.num_latents}, e.g. "
             f"model.num_latents={max(side, 1) ** 2} or {(side + 1) ** 2}"
         )

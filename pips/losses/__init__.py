@@ -23,11 +23,23 @@ from pips.losses.kl import (
     monte_carlo_kl_to_uniform,
     sample_exp_concrete,
 )
+from pips.losses.pixels import (
+    PIXEL_LOSSES,
+    PSNR,
+    logit_laplace_mean,
+    logit_laplace_nll,
+    map_pixels,
+    pixel_loss,
+    psnr,
+    unmap_pixels,
+)
 from pips.losses.reconstruction import cell_weights, shape_cross_entropy, weighted_cross_entropy
 
 __all__ = [
     "CodeUsageKL",
     "KLDecomposition",
+    "PIXEL_LOSSES",
+    "PSNR",
     "SlotMarginalEMA",
     "batch_average_entropy",
     "cell_weights",
@@ -35,11 +47,17 @@ __all__ = [
     "entropy_diversity_loss",
     "exp_concrete_log_prob",
     "kl_to_uniform",
+    "logit_laplace_mean",
+    "logit_laplace_nll",
+    "map_pixels",
     "minibatch_log_weights",
     "monte_carlo_kl_to_uniform",
+    "pixel_loss",
     "posterior_entropy",
+    "psnr",
     "sample_exp_concrete",
     "shape_cross_entropy",
     "slot_average_entropy",
+    "unmap_pixels",
     "weighted_cross_entropy",
 ]
