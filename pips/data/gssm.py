@@ -20,6 +20,9 @@ Node modes:
 Ground truth: every node's hidden states are recorded beside the observations, and
 :meth:`GSSM.entropy_rate` computes the exact per-token entropy of the observed process (given the
 kernels) with the forward algorithm on the product-state HMM in log space, beside a zlib baseline.
+:meth:`GSSM.posterior_marginals` runs forward-backward on the same HMM for every node's posterior
+``p(x_node(t) | x_1..T)``, and :meth:`GSSM.bayes_optimal_accuracy` scores its argmax against the
+true hidden states: the ceiling of any probe that reads the observed sequence.
 """
 
 from __future__ import annotations
@@ -270,20 +273,27 @@ class GSSM:
         return list(product(*(range(self.nodes[name].states) for name in self.order)))
 
     def transition_matrix(self, kernels: dict) -> np.ndarray:
-        """P(z' | z) over joint states z (tuples in ``self.order``): ``[Z, Z]``."""
-        joint = self.joint_states()
-        matrix = np.zeros((len(joint), len(joint)))
-        for i, z in enumerate(joint):
-            previous = dict(zip(self.order, z, strict=True))
-            for j, z_next in enumerate(joint):
-                new = dict(zip(self.order, z_next, strict=True))
-                probability = 1.0
-                for name in self.order:
-                    probs = self.next_distribution(kernels, name, previous[name], new)
-                    probability *= probs[new[name]]
-                    if probability == 0.0:
-                        break
-                matrix[i, j] = probability
+        """P(z' | z) over joint states z (tuples in ``self.order``): ``[Z, Z]``, the product over
+        nodes of :meth:`next_distribution` (own previous state from z, parents' new states from
+        z'), vectorised over every (z, z') pair."""
+        joint = np.array(self.joint_states())  # [Z, nodes]
+        column = {name: index for index, name in enumerate(self.order)}
+        matrix = np.ones((len(joint), len(joint)))
+        for name in self.order:
+            node, tables = self.nodes[name], kernels[name]
+            previous = joint[:, column[name]][:, None]  # [Z, 1] own state in z
+            new = np.broadcast_to(joint[:, column[name]][None, :], matrix.shape)  # [Z, Z] in z'
+            if node.kernel == "joint":
+                index = np.broadcast_to(previous, matrix.shape)
+                for parent in node.parents:
+                    index = index * self.nodes[parent].states + joint[:, column[parent]][None, :]
+                matrix *= tables["joint"][index, new]
+                continue
+            probs = np.broadcast_to(tables["self"][previous], (*matrix.shape, node.states))
+            for parent in node.parents:  # [Z, Z, S]: parents' new states come from z'
+                probs = probs * tables[parent][joint[:, column[parent]]][None, :, :]
+            probs = probs / probs.sum(-1, keepdims=True)
+            matrix *= np.take_along_axis(probs, new[..., None], axis=-1)[..., 0]
         return matrix
 
     def log_likelihood(self, observations: np.ndarray, kernels: dict | None = None) -> float:
@@ -308,6 +318,138 @@ class GSSM:
         peak = np.max(log_alpha)
         return float(peak + np.log(np.exp(log_alpha - peak).sum()))
 
+    def _log_posteriors(
+        self, observations: np.ndarray, log_transition: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Forward-backward on the product-state HMM in log space, batched over sequences.
+
+        ``observations [B, T]``, ``log_transition [Z, Z]`` (``log P(z' | z)``). The conventions of
+        :meth:`log_likelihood`: the first joint state is uniform (``1 / Z``), the observed node's
+        state *is* the token (emission ``1[z_obs = x_t]``). Only the ``Zo = Z / S_obs`` joint
+        states that emit ``x_t`` can hold at step ``t``, so the recursions run over those:
+
+        - ``log a_1(z) = -log Z``; ``log a_t(z') = logsumexp_z(log a_{t-1}(z) + log P(z'|z))``;
+        - ``log b_T(z) = 0``; ``log b_t(z) = logsumexp_z'(log P(z'|z) + log b_{t+1}(z'))``;
+        - ``log p(z_t = z | x_1..T) = log a_t(z) + log b_t(z) - log p(x_1..T)``.
+
+        Returns ``(states [B, T, Zo], log_posterior [B, T, Zo])``: the indices (into
+        :meth:`joint_states`) of the allowed states at each step and their log posteriors.
+        """
+        observations = np.asarray(observations, dtype=np.int64)
+        observed = self.nodes[self.spec.observed]
+        if observations.ndim != 2 or observations.shape[1] < 1:
+            raise GSSMError(
+                f"observations must be [sequences, length] with length >= 1; got shape "
+                f"{observations.shape}"
+            )
+        if observations.size and (observations.min() < 0 or observations.max() >= observed.states):
+            raise GSSMError(
+                f"observed tokens must lie in [0, {observed.states}) (the states of "
+                f"{observed.name!r}); got values from {observations.min()} to {observations.max()}"
+            )
+        joint = np.array(self.joint_states())  # [Z, nodes]
+        emits = joint[:, self.order.index(self.spec.observed)]
+        states_of = np.stack([np.flatnonzero(emits == v) for v in range(observed.states)])
+        states = states_of[observations]  # [B, T, Zo]
+        batch, length, width = states.shape
+        log_alpha = np.empty((batch, length, width))
+        log_beta = np.zeros((batch, length, width))
+        log_alpha[:, 0] = -math.log(len(joint))
+        for t in range(1, length):
+            step = log_transition[states[:, t - 1, :, None], states[:, t, None, :]]  # [B, Zo, Zo]
+            log_alpha[:, t] = _logsumexp(log_alpha[:, t - 1, :, None] + step, axis=1)
+        for t in range(length - 2, -1, -1):
+            step = log_transition[states[:, t, :, None], states[:, t + 1, None, :]]
+            log_beta[:, t] = _logsumexp(step + log_beta[:, t + 1, None, :], axis=2)
+        log_joint = log_alpha + log_beta  # log p(z_t, x_1..T), the same total at every t
+        log_evidence = _logsumexp(log_joint, axis=2)[..., None]  # [B, T, 1]
+        if not np.isfinite(log_evidence).all():
+            raise GSSMError(
+                "an observed sequence has probability 0 under these kernels; pass the kernels "
+                "that generated it (for context nodes, the per-sequence kernels of sample())"
+            )
+        return states, log_joint - log_evidence
+
+    def _marginals(
+        self, observations: np.ndarray, log_transition: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """``{node: [B, T, S_node]}`` posterior marginals of ``observations [B, T]``."""
+        states, log_posterior = self._log_posteriors(observations, log_transition)
+        posterior = np.exp(log_posterior)  # [B, T, Zo]
+        joint = np.array(self.joint_states())  # [Z, nodes]
+        marginals = {}
+        for index, name in enumerate(self.order):
+            values = joint[states, index]  # [B, T, Zo] the node's state in each joint state
+            one_hot = values[..., None] == np.arange(self.nodes[name].states)  # [B, T, Zo, S]
+            marginals[name] = np.einsum("btz,btzs->bts", posterior, one_hot)
+        return marginals
+
+    def log_transition(self, kernels: dict | None = None) -> np.ndarray:
+        """``log P(z' | z)`` ``[Z, Z]`` of :meth:`transition_matrix` (``-inf`` where 0);
+        default the generator's own kernels."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.transition_matrix(self.kernels if kernels is None else kernels))
+
+    def posterior_marginals(
+        self, observations: np.ndarray, kernels: dict | None = None
+    ) -> dict[str, np.ndarray]:
+        """``{node: [T, S_node]}``: ``p(x_node(t) = s | x_1..T)`` for every node (the observed
+        one is one-hot on the tokens), by log-space forward-backward on the product-state HMM
+        with the conventions of :meth:`log_likelihood` (uniform first joint state, the observed
+        node's state is the token). ``observations [B, T]`` gives ``{node: [B, T, S_node]}``.
+        ``kernels``: default the generator's own (for every sequence); a sequence with context
+        nodes needs its own kernels (``sample()["kernels"][b]``)."""
+        observations = np.asarray(observations)
+        if observations.ndim not in (1, 2):
+            raise GSSMError(
+                f"posterior_marginals takes observations [T] or [B, T]; got shape "
+                f"{observations.shape}"
+            )
+        marginals = self._marginals(np.atleast_2d(observations), self.log_transition(kernels))
+        if observations.ndim == 1:
+            return {name: values[0] for name, values in marginals.items()}
+        return marginals
+
+    def bayes_optimal_accuracy(self, data: dict, node: str) -> float:
+        """Accuracy of the Bayes decision ``argmax_s p(x_node(t) = s | x_1..T)`` (the posterior
+        of :meth:`posterior_marginals`, from the whole observed sequence) against the true hidden
+        states ``data["hidden/<node>"]`` [B, T], averaged over every position of every sequence.
+
+        The posteriors use the true kernels: the generator's own, and for ``context`` nodes the
+        per-sequence kernels of ``data["kernels"]`` (what :meth:`sample` returns). With context
+        nodes this is an oracle upper bound: a model that reads the sequence must also infer
+        those kernels, which the oracle is given. Files of :func:`save_sequences` do not keep the
+        kernels, so context-node GSSMs need the sampled ``data``.
+        """
+        if node not in self.nodes:
+            raise GSSMError(f"unknown GSSM node {node!r}; nodes are {', '.join(self.order)}")
+        key = f"hidden/{node}"
+        if key not in data or "observations" not in data:
+            raise GSSMError(
+                f"the data have no {key!r} or 'observations'; pass what sample() or "
+                f"load_sequences() returns"
+            )
+        observations = np.asarray(data["observations"])
+        truth = np.asarray(data[key])
+        context = [name for name in self.order if self.nodes[name].mode == "context"]
+        if not context:
+            marginals = self.posterior_marginals(observations)[node]
+        else:
+            kernels = data.get("kernels")
+            if kernels is None or len(kernels) != len(observations):
+                raise GSSMError(
+                    f"nodes {context} are context nodes (new kernels per sequence), so the Bayes "
+                    f"decision needs data['kernels'] per sequence; pass the data of sample() "
+                    f"(save_sequences files do not keep kernels)"
+                )
+            marginals = np.stack(
+                [
+                    self.posterior_marginals(row, tables)[node]
+                    for row, tables in zip(observations, kernels, strict=True)
+                ]
+            )
+        return float((marginals.argmax(-1) == truth).mean())
+
     def entropy_rate(self, sequences: int = 64, length: int = 128, seed: int = 12345) -> dict:
         """Bits per token of the observed process: the exact ``-log2 p(x) / T`` averaged over
         sampled sequences (given their kernels), and zlib's bits per token on the same tokens."""
@@ -323,6 +465,15 @@ class GSSM:
             "zlib_bits_per_token": 8 * len(zlib.compress(packed, 9)) / observations.size,
             "uniform_bits_per_token": math.log2(self.nodes[self.spec.observed].states),
         }
+
+
+def _logsumexp(values: np.ndarray, axis: int) -> np.ndarray:
+    """``log(sum(exp(values)))`` along ``axis``, ``-inf`` where every value is ``-inf``."""
+    peak = np.max(values, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        total = np.log(np.exp(values - peak).sum(axis=axis, keepdims=True)) + peak
+    return np.squeeze(total, axis=axis)
 
 
 def save_sequences(path: str | Path, data: dict[str, np.ndarray]) -> None:

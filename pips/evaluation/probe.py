@@ -10,6 +10,17 @@ simple grid properties (:data:`GRID_PROPERTIES`); the features are
   summarised by the mean of their code vectors;
 - ``activations``: the encoder's outputs before the quantizer, mean-pooled over latents (pooled
   layout: concatenated over slots).
+
+For GSSM sequences (:mod:`pips.data.gssm`, :class:`~pips.models.sequence_ae.SequenceAutoencoder`)
+the targets are a hidden node's state at every position, one example per token
+(:func:`sequence_features`), split by sequence so no held-out token's sequence was trained on.
+Beside chance and majority sits ``bayes_optimal``: the accuracy of the posterior argmax from the
+whole observed sequence under the true process (:meth:`GSSM.bayes_optimal_accuracy`), the best any
+reader of the tokens can do; ``recovered = (probe - majority) / (bayes_optimal - majority)`` is the
+share of the recoverable accuracy above the majority baseline that the features give (1: all of
+it, 0: nothing beyond predicting the majority state). Features computed from the tokens stay at or
+below 1 up to sampling noise; features that see more than the tokens (the hidden states
+themselves) can exceed it.
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pips.data.batch import collate_grids
+from pips.data.gssm import GSSM, GSSMError
 from pips.models.grid_dvae import GridDVAE
+from pips.models.sequence_ae import SequenceAutoencoder
 
 GRID_PROPERTIES: dict[str, Callable[[np.ndarray], int]] = {
     "height": lambda grid: int(grid.shape[0]),
@@ -148,3 +161,189 @@ def split(count: int, test_fraction: float = 0.3, seed: int = 0) -> tuple[np.nda
     order = np.random.default_rng(seed).permutation(count)
     cut = int(round(count * (1 - test_fraction)))
     return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+# ------------------------------------------------------------------------------------ sequences
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def sequence_features(
+    model: SequenceAutoencoder,
+    tokens: np.ndarray | torch.Tensor,
+    features: str = "codes",
+    batch_size: int = 256,
+) -> np.ndarray | tuple[np.ndarray, int]:
+    """Per-token features of sequences ``tokens [B, T]``, row ``b * T + t`` for token ``t`` of
+    sequence ``b`` (eval mode, argmax codes):
+
+    - ``activations``: the encoder output at the token, float ``[B*T, width]``;
+    - ``codes``, spatial layout: the code covering the token (``t // p``; every level of a
+      multi-level quantizer), plus its offset ``t mod p`` in the patch when ``p > 1``;
+    - ``codes``, pooled layout: the codes of all ``N`` slots (the same for every token of the
+      sequence), plus the token's position ``t``.
+
+    Codes come back as ``(integer columns [B*T, F], K)`` with every column in ``[0, K)``,
+    ``K = max(codebook size, p or T)``, for :func:`fit_probe`'s one-hot inputs: a linear probe
+    adds one weight vector per (column, value), so reading a state that depends on the code *and*
+    the position (pooled) or offset (spatial) jointly needs ``hidden > 0``.
+    """
+    if features not in FEATURES:
+        raise ProbeError(f"probe features must be one of {FEATURES}; got {features!r}")
+    if features == "codes" and model.config.quantizer.kind == "none":
+        raise ProbeError(
+            "this model has no quantizer (model.quantizer.kind=none), so it has no codes to "
+            "probe; use features=activations"
+        )
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    if tokens.dim() != 2:
+        raise ProbeError(f"tokens must be [sequences, length]; got shape {tuple(tokens.shape)}")
+    count, length = tokens.shape
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for start in range(0, count, batch_size):
+            chunk = tokens[start : start + batch_size].to(_device(model))
+            batch = chunk.shape[0]
+            activations = model.token_activations(chunk)  # [b, T, W]
+            if features == "activations":
+                rows.append(activations.reshape(batch * length, -1).float().cpu().numpy())
+                continue
+            indices = model.encode_activations(activations).quantizer.indices
+            indices = indices.reshape(batch, indices.shape[1], -1).cpu()  # [b, N, levels]
+            positions = torch.arange(length)
+            if model.spatial:
+                columns = [indices[:, positions // model.patch]]  # [b, T, levels]
+                if model.patch > 1:
+                    offsets = (positions % model.patch).view(1, length, 1)
+                    columns.append(offsets.expand(batch, -1, -1))
+            else:
+                slots = indices.reshape(batch, 1, -1).expand(-1, length, -1)  # [b, T, N*levels]
+                columns = [slots, positions.view(1, length, 1).expand(batch, -1, -1)]
+            rows.append(torch.cat(columns, dim=-1).reshape(batch * length, -1).numpy())
+    finally:
+        model.train(was_training)
+    stacked = np.concatenate(rows)
+    if features == "activations":
+        return stacked.astype(np.float32)
+    cardinality = max(model.quantizer.codebook_size, model.patch if model.spatial else length)
+    return stacked.astype(np.int64), cardinality
+
+
+def hidden_nodes(data: dict) -> list[str]:
+    """The hidden nodes recorded in ``data`` (its ``hidden/<node>`` keys)."""
+    return [key.split("/", 1)[1] for key in data if key.startswith("hidden/")]
+
+
+def _check_node(data: dict, node: str) -> None:
+    nodes = hidden_nodes(data)
+    if node not in nodes:
+        raise ProbeError(
+            f"unknown hidden node {node!r}; these sequences record {', '.join(nodes) or 'none'}"
+        )
+
+
+def probe_sequences(
+    features: np.ndarray,
+    data: dict,
+    node: str,
+    codebook: int | None = None,
+    gssm: GSSM | None = None,
+    hidden: int = 0,
+    test_fraction: float = 0.3,
+    steps: int = 500,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> dict:
+    """Probe node's hidden state from per-token ``features [S*T, F]`` of the first ``S``
+    sequences of ``data`` (row ``s * T + t``; ``codebook`` as in :func:`fit_probe`).
+
+    Sequences, not tokens, are split into train and test (:func:`split`). Returns
+    :func:`fit_probe`'s scores (held-out ``accuracy``, ``chance``, ``majority``, ...) plus
+    ``bayes_optimal`` (with ``gssm``, the generator of ``data``: the Bayes accuracy on the same
+    held-out sequences, else None) and ``recovered = (accuracy - majority) / (bayes_optimal -
+    majority)`` (None without ``gssm`` or when the Bayes decision is no better than the majority).
+    """
+    _check_node(data, node)
+    states = np.asarray(data[f"hidden/{node}"])
+    length = states.shape[1]
+    if len(features) % length or len(features) // length > len(states):
+        raise ProbeError(
+            f"{len(features)} feature rows are not a whole number of the data's {length}-token "
+            f"sequences (at most {len(states)}); pass sequence_features of data['observations']"
+        )
+    count = len(features) // length
+    train_sequences, test_sequences = split(count, test_fraction, seed)
+    if len(train_sequences) == 0 or len(test_sequences) == 0:
+        raise ProbeError(
+            f"{count} sequences cannot be split into train and test at test_fraction="
+            f"{test_fraction}; probe more sequences"
+        )
+    offsets = np.arange(length)
+    train = (train_sequences[:, None] * length + offsets).reshape(-1)
+    test = (test_sequences[:, None] * length + offsets).reshape(-1)
+    targets = states[:count].reshape(-1)
+    scores: dict = fit_probe(
+        features, targets, train, test, codebook, hidden, steps, weight_decay, seed
+    )
+    scores.update(
+        node=node,
+        sequences=count,
+        length=length,
+        test_sequences=len(test_sequences),
+        bayes_optimal=None,
+        recovered=None,
+    )
+    if gssm is not None:
+        held_out = {
+            "observations": np.asarray(data["observations"])[test_sequences],
+            f"hidden/{node}": states[test_sequences],
+        }
+        if "kernels" in data:
+            held_out["kernels"] = [data["kernels"][i] for i in test_sequences]
+        try:
+            bayes = gssm.bayes_optimal_accuracy(held_out, node)
+        except GSSMError as error:
+            raise ProbeError(str(error)) from None
+        scores["bayes_optimal"] = bayes
+        headroom = bayes - scores["majority"]
+        if headroom > 1e-9:
+            scores["recovered"] = (scores["accuracy"] - scores["majority"]) / headroom
+    return scores
+
+
+def probe_hidden_state(
+    model: SequenceAutoencoder,
+    data: dict,
+    node: str,
+    features: str = "codes",
+    gssm: GSSM | None = None,
+    hidden: int = 0,
+    max_sequences: int = 512,
+    test_fraction: float = 0.3,
+    steps: int = 500,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> dict:
+    """How well ``node``'s hidden state at every position can be read off the model's codes or
+    activations (:func:`sequence_features`) of the first ``max_sequences`` sequences of ``data``
+    (what :meth:`GSSM.sample` or :func:`pips.data.gssm.load_sequences` returns).
+
+    Returns :func:`probe_sequences`' scores plus ``features``: held-out ``accuracy``,
+    ``chance``, ``majority``, ``bayes_optimal`` (needs ``gssm``, the generator of ``data``) and
+    ``recovered = (accuracy - majority) / (bayes_optimal - majority)``, the share of what the
+    whole sequence can tell about the state, beyond the majority guess, that the features hold.
+    """
+    _check_node(data, node)
+    if max_sequences < 2:
+        raise ProbeError(f"max_sequences must be at least 2 (train and test); got {max_sequences}")
+    observations = np.asarray(data["observations"])[:max_sequences]
+    values = sequence_features(model, observations, features)
+    rows, codebook = values if isinstance(values, tuple) else (values, None)
+    scores = probe_sequences(
+        rows, data, node, codebook, gssm, hidden, test_fraction, steps, weight_decay, seed
+    )
+    scores["features"] = features
+    return scores
