@@ -123,3 +123,26 @@ def test_invalid_graphs_are_refused_with_a_sentence(change, message):
     change(spec)
     with pytest.raises(GSSMError, match=message.replace("[", r"\[").replace("]", r"\]")):
         GSSM(spec)
+
+
+def test_sampled_transitions_follow_the_kernels():
+    """The batch-vectorised sampler draws each node from its kernels: the empirical transition
+    frequencies of a parentless node match its own table, and of a node with a parent the
+    normalised product of its tables."""
+    from pips.data.gssm import GSSM
+
+    gssm = GSSM("gssm_sparse", seed=3)
+    data = gssm.sample(3000, 40, seed=4)
+    regime = data["hidden/regime"]
+    table = gssm.kernels["regime"]["self"]
+    counts = np.zeros_like(table)
+    np.add.at(counts, (regime[:, :-1].ravel(), regime[:, 1:].ravel()), 1)
+    empirical = counts / counts.sum(1, keepdims=True)
+    assert np.abs(empirical - table / table.sum(1, keepdims=True)).max() < 0.02
+    phase = data["hidden/phase"]
+    expected = gssm.next_distribution(gssm.kernels, "phase", 1, {"regime": 2})
+    where = (phase[:, :-1] == 1) & (regime[:, 1:] == 2)
+    following = phase[:, 1:][where]
+    assert len(following) > 1000
+    empirical = np.bincount(following, minlength=len(expected)) / len(following)
+    assert np.abs(empirical - expected).max() < 0.04

@@ -244,25 +244,51 @@ class GSSM:
     # ------------------------------------------------------------------------------ sampling
     def sample(self, batch: int, length: int, seed: int | None = None) -> dict[str, np.ndarray]:
         """``{"observations": [B, T], "hidden/<node>": [B, T], ...}``; context nodes get new
-        kernels per sequence (their tables are returned as ``kernels`` per sequence)."""
+        kernels per sequence (their tables are returned as ``kernels`` per sequence).
+
+        Vectorised over the batch: at each step every node draws its next state for all
+        sequences at once (inverse-CDF sampling from :meth:`next_distribution`'s rows)."""
         rng = np.random.default_rng(self.seed + 1 if seed is None else seed)
-        states = {name: np.zeros((batch, length), dtype=np.int64) for name in self.order}
+        has_context = any(node.mode == "context" for node in self.nodes.values())
         per_sequence = []
-        for b in range(batch):
+        for _ in range(batch):
             kernels = dict(self.kernels)
-            if any(node.mode == "context" for node in self.nodes.values()):
+            if has_context:
                 kernels.update(self.draw_kernels(rng, only_context=True))
             per_sequence.append(kernels)
-            current = {name: int(rng.integers(self.nodes[name].states)) for name in self.order}
+        # every table stacked over the batch: [B, rows, S] (shared tables are broadcast views)
+        stacked = {
+            name: {
+                key: (
+                    np.stack([kernels[name][key] for kernels in per_sequence])
+                    if self.nodes[name].mode == "context"
+                    else np.broadcast_to(table, (batch, *table.shape))
+                )
+                for key, table in self.kernels[name].items()
+            }
+            for name in self.order
+        }
+        rows = np.arange(batch)
+        states = {name: np.zeros((batch, length), dtype=np.int64) for name in self.order}
+        for name in self.order:
+            states[name][:, 0] = rng.integers(self.nodes[name].states, size=batch)
+        for t in range(1, length):
             for name in self.order:
-                states[name][b, 0] = current[name]
-            for t in range(1, length):
-                new: dict[str, int] = {}
-                for name in self.order:
-                    probs = self.next_distribution(kernels, name, current[name], new)
-                    new[name] = int(rng.choice(len(probs), p=probs))
-                    states[name][b, t] = new[name]
-                current = new
+                node, tables = self.nodes[name], stacked[name]
+                previous = states[name][:, t - 1]
+                if node.kernel == "joint":
+                    index = previous
+                    for parent in node.parents:
+                        index = index * self.nodes[parent].states + states[parent][:, t]
+                    probs = tables["joint"][rows, index]  # [B, S]
+                else:
+                    probs = tables["self"][rows, previous].copy()
+                    for parent in node.parents:
+                        probs = probs * tables[parent][rows, states[parent][:, t]]
+                cumulative = np.cumsum(probs, axis=1)
+                draw = rng.random(batch)[:, None] * cumulative[:, -1:]
+                chosen = (cumulative <= draw).sum(axis=1)
+                states[name][:, t] = np.minimum(chosen, node.states - 1)
         out = {"observations": states[self.spec.observed]}
         out.update({f"hidden/{name}": states[name] for name in self.order})
         out["kernels"] = per_sequence
