@@ -325,10 +325,10 @@ def test_sequence_features_layouts(sparse):
     tokens = data["observations"][:5, :12]
     spatial = _model("model.layout=spatial", "model.quantizer.kind=vq")
     codes, cardinality = sequence_features(spatial, tokens, "codes")
-    assert codes.shape == (60, 2) and cardinality == 32  # the covering code, the offset
+    # one column: the covering code joined with the offset in its patch (code * 2 + offset)
+    assert codes.shape == (60, 1) and cardinality == 2 * spatial.quantizer.codebook_size
     indices = spatial.eval().encode(torch.as_tensor(tokens)).quantizer.indices
-    assert np.array_equal(codes[:12, 0], np.repeat(indices[0].numpy(), 2))
-    assert np.array_equal(codes[:12, 1], np.tile([0, 1], 6))
+    assert np.array_equal(codes[:12, 0], 2 * np.repeat(indices[0].numpy(), 2) + np.tile([0, 1], 6))
     pooled = _model("model.layout=pooled", "model.quantizer.kind=gumbel", max_length=40)
     codes, cardinality = sequence_features(pooled, tokens, "codes")
     assert codes.shape == (60, 5) and cardinality == 32  # four slots, the position

@@ -180,14 +180,16 @@ def sequence_features(
 
     - ``activations``: the encoder output at the token, float ``[B*T, width]``;
     - ``codes``, spatial layout: the code covering the token (``t // p``; every level of a
-      multi-level quantizer), plus its offset ``t mod p`` in the patch when ``p > 1``;
+      multi-level quantizer) joined with the token's offset in the patch,
+      ``code * p + t mod p``, so a linear probe can read any function of the pair;
     - ``codes``, pooled layout: the codes of all ``N`` slots (the same for every token of the
       sequence), plus the token's position ``t``.
 
     Codes come back as ``(integer columns [B*T, F], K)`` with every column in ``[0, K)``,
-    ``K = max(codebook size, p or T)``, for :func:`fit_probe`'s one-hot inputs: a linear probe
-    adds one weight vector per (column, value), so reading a state that depends on the code *and*
-    the position (pooled) or offset (spatial) jointly needs ``hidden > 0``.
+    ``K = codebook size * p`` (spatial) or ``max(codebook size, T)`` (pooled), for
+    :func:`fit_probe`'s one-hot inputs: a linear probe adds one weight vector per (column,
+    value), so for pooled codes reading a state that depends on a slot's code *and* the position
+    jointly needs ``hidden > 0``.
     """
     if features not in FEATURES:
         raise ProbeError(f"probe features must be one of {FEATURES}; got {features!r}")
@@ -215,10 +217,11 @@ def sequence_features(
             indices = indices.reshape(batch, indices.shape[1], -1).cpu()  # [b, N, levels]
             positions = torch.arange(length)
             if model.spatial:
-                columns = [indices[:, positions // model.patch]]  # [b, T, levels]
-                if model.patch > 1:
-                    offsets = (positions % model.patch).view(1, length, 1)
-                    columns.append(offsets.expand(batch, -1, -1))
+                # (covering code, offset in its patch) as one value: a linear probe can then
+                # read any function of the two, as the decoder does
+                covering = indices[:, positions // model.patch]  # [b, T, levels]
+                offsets = (positions % model.patch).view(1, length, 1)
+                columns = [covering * model.patch + offsets]
             else:
                 slots = indices.reshape(batch, 1, -1).expand(-1, length, -1)  # [b, T, N*levels]
                 columns = [slots, positions.view(1, length, 1).expand(batch, -1, -1)]
@@ -228,7 +231,10 @@ def sequence_features(
     stacked = np.concatenate(rows)
     if features == "activations":
         return stacked.astype(np.float32)
-    cardinality = max(model.quantizer.codebook_size, model.patch if model.spatial else length)
+    if model.spatial:
+        cardinality = model.quantizer.codebook_size * model.patch
+    else:
+        cardinality = max(model.quantizer.codebook_size, length)
     return stacked.astype(np.int64), cardinality
 
 
