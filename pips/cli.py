@@ -54,18 +54,9 @@ def _report(run_dir: Path, summary: dict) -> None:
     if summary.get("status") == "interrupted":
         typer.echo(f"stopped at step {summary['steps']}: continue with pips resume {run_dir}")
         return
+    # the task's headline metrics, steps and speed (not the status, nor every val_/train_ count)
     shown = {
-        k: summary[k]
-        for k in (
-            "cell_accuracy",
-            "grid_accuracy",
-            "codebook_perplexity",
-            "bits_per_grid",
-            "steps",
-            "wall_seconds",
-            "grids_per_second",
-        )
-        if k in summary
+        k: v for k, v in summary.items() if k != "status" and not k.startswith(("val_", "train_"))
     }
     typer.echo("final validation: " + json.dumps(shown, indent=None))
 
@@ -225,18 +216,26 @@ def decode(
 def probe(
     run: Path = RUN_OR_CHECKPOINT,
     target: str = typer.Option(
-        ..., "--target", help="the grid property to recover: height, width, colours, dominant"
+        ...,
+        "--target",
+        help="the grid property to recover (height, width, colours, dominant), or for a "
+        "sequences run a hidden GSSM node (e.g. phase)",
     ),
     features: str = typer.Option("codes", "--features", help="codes or activations"),
     hidden: int = typer.Option(0, "--hidden", min=0, help="MLP hidden units (0: linear probe)"),
     data: str = DATA_OPTION,
-    grids: int = typer.Option(2000, "--grids", min=10, help="at most this many grids"),
+    grids: int = typer.Option(
+        2000, "--grids", min=10, help="at most this many grids (or sequences)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """How well a probe recovers a grid property from the codes: held-out accuracy beside the
-    chance and majority baselines (70/30 split of the grids).
+    chance and majority baselines (70/30 split of the grids). For a sequences run the target is
+    a hidden GSSM node, probed at every position, beside the Bayes-optimal accuracy of the true
+    model (forward-backward), and the share of it the codes recover.
 
     Example: pips probe runs/quick --target height --features codes
+    Example: pips probe runs/gssm --target phase --hidden 64
     """
     from pips.evaluation.commands import probe_run
     from pips.evaluation.probe import ProbeError
@@ -247,6 +246,22 @@ def probe(
         _fail(str(error))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
+        return
+    if "bayes_optimal" in result:  # a hidden GSSM node, position by position
+        line = (
+            f"{result['target']} from {result['features']} ({result['probe']} probe): held-out "
+            f"accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}, majority "
+            f"{result['majority']:.3f}"
+        )
+        if result["bayes_optimal"] is not None:
+            line += f", Bayes-optimal {result['bayes_optimal']:.3f}"
+        line += f"; {result['test_sequences']} held-out of {result['sequences']} {result['data']})"
+        if result["recovered"] is not None:
+            line += (
+                f"\nthe {result['features']} recover {100 * result['recovered']:.0f}% of what the "
+                f"whole sequence tells about {result['target']} beyond the majority guess"
+            )
+        typer.echo(line)
         return
     typer.echo(
         f"{result['target']} from {result['features']} ({result['probe']} probe): held-out "

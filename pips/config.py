@@ -125,6 +125,15 @@ class QuantizerConfig:
     ema_decay: float | None = option(
         0.99, "vq: EMA decay of the codebook (None: codebook loss)", min=0, max=1
     )
+    kmeans_init: bool = option(
+        False, "vq/rvq/gvq: initialise the codebook by k-means on the first batch's vectors"
+    )
+    dead_code_threshold: float | None = option(
+        None,
+        "vq/rvq/gvq: re-seed codes whose EMA usage (codes per batch) falls below this from the "
+        "batch's vectors (None: never)",
+        min=0,
+    )
     commitment_weight: float = option(0.25, "vq/lfq: commitment loss weight", min=0)
     entropy_weight: float = option(0.1, "lfq: entropy loss weight", min=0)
     temperature: Schedule = option(Schedule("cosine", 1.0, 0.0625), "gumbel: softmax temperature")
@@ -671,6 +680,9 @@ def derive(config: Config) -> None:
     """Values that follow from others: the debug switch's limits, and the accumulation that
     keeps ``data.global_batch_size`` whatever the number of devices."""
     trainer, data = config.trainer, config.data
+    if config.task != "grids" and trainer.best_metric == "val/cell_accuracy":
+        # the grid default; images and sequences pick their best checkpoints by their own metric
+        trainer.best_metric = {"images": "val/psnr", "sequences": "val/token_accuracy"}[config.task]
     if trainer.debug:
         data.max_samples = min(data.max_samples or 64, 64)
         data.max_val_samples = min(data.max_val_samples or 32, 32)

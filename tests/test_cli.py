@@ -261,3 +261,13 @@ def test_verb_help_lists_the_config_keys(cli, verb):
     assert result.exit_code == 0, result.output
     for key in ("model.quantizer.kind", "trainer.max_steps", "optim.lr", "data.batch_size"):
         assert key in result.output
+
+
+def test_last_checkpoint_holds_the_final_step_when_a_validation_falls_on_it(tiny_run):
+    """tiny.yaml validates at steps 15 and 30 of 30: last.ckpt must be the step-30 state (it was
+    the step-15 one, so `pips resume` with more steps re-trained from step 15)."""
+    import torch
+
+    run_dir, _ = tiny_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 30

@@ -59,7 +59,7 @@ def test_a_run_that_raises_is_recorded_as_crashed(task_folder, tmp_path, cli, mo
     def explode(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr("pips.training.run.evaluate", explode)
+    monkeypatch.setattr("pips.training.tasks.TaskParts.final_metrics", explode)
     result = cli(
         "train",
         Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml",

@@ -119,7 +119,10 @@ def load_weights(model: torch.nn.Module, state: dict, path: Path, prefix: str = 
     shapes = [
         f"{key} {tuple(weights[key].shape)} in the file vs {tuple(value.shape)} in the model"
         for key, value in own.items()
-        if key in weights and weights[key].shape != value.shape
+        if key in weights
+        and isinstance(value, torch.Tensor)  # extra states (e.g. a VQ's k-means flag) are dicts
+        and isinstance(weights[key], torch.Tensor)
+        and weights[key].shape != value.shape
     ]
     if missing or unexpected or shapes:
         problems = []
@@ -148,7 +151,9 @@ def load_model(
     file = find_checkpoint(path, which)
     checkpoint = read_checkpoint(file)
     config = overrides if overrides is not None else checkpoint_config(checkpoint, file)
-    model = GridDVAE(config.model, eos=config.data.eos)
+    from pips.training.tasks import build_model_for
+
+    model = build_model_for(config, checkpoint.get("hyper_parameters") or {})
     load_weights(model, checkpoint["state_dict"], file)
     model.eval()
     run_dir = file.parent.parent if file.parent.name == "checkpoints" else None

@@ -15,7 +15,7 @@ import torch
 
 from pips.data.arc import SPLITS, GridRecord, load_grids, spread_evenly
 from pips.data.loader import make_dataloader
-from pips.evaluation.checkpoints import LoadedModel, load_model
+from pips.evaluation.checkpoints import CheckpointError, LoadedModel, load_model
 from pips.evaluation.codes import (
     decode_codes,
     encode_grids,
@@ -78,9 +78,46 @@ def data_records(
     return records, note
 
 
+def require_grids(loaded, verb: str) -> None:
+    """Grid-only verbs (encode, decode, report) stop with a sentence on other runs."""
+    if loaded.config.task != "grids":
+        raise CheckpointError(
+            f"pips {verb} works on ARC grid runs; {loaded.checkpoint} is from a run with task "
+            f"{loaded.config.task}: use pips evaluate or pips probe for it, and see its run "
+            f"folder's summary.json and images/"
+        )
+
+
+def _evaluate_other_task(loaded, spec: str | None) -> dict:
+    """pips evaluate on an images or sequences run: its validation split, scored as in training."""
+    from pips.training.tasks import build_task
+
+    if spec is not None:
+        raise DataSpecError(
+            f"--data picks ARC grids; a {loaded.config.task} run is evaluated on the validation "
+            f"split of its own config (images.*, sequences.*): leave --data out"
+        )
+    config = loaded.config
+    task = build_task(config)
+    task.module.model.load_state_dict(loaded.model.state_dict())
+    started = time.perf_counter()
+    metrics, count = task.final_metrics(config)
+    seconds = time.perf_counter() - started
+    metrics[f"{task.unit}_per_second"] = count / max(seconds, 1e-9)
+    return {
+        "checkpoint": str(loaded.checkpoint),
+        "step": loaded.step,
+        "data": f"{count} validation {task.unit}",
+        "metrics": metrics,
+    }
+
+
 def evaluate_run(path: str | Path, spec: str | None = None, which: str = "best") -> dict:
-    """Validation metrics of a run's checkpoint on the grids of ``spec``."""
+    """Validation metrics of a run's checkpoint on the grids of ``spec`` (images and sequences
+    runs: on their own validation split)."""
     loaded = load_model(path, which)
+    if loaded.config.task != "grids":
+        return _evaluate_other_task(loaded, spec)
     records, note = data_records(loaded, spec)
     loader = make_dataloader(
         records,
@@ -107,6 +144,7 @@ def encode_to_file(
 ) -> dict:
     """Every grid of ``spec`` (repeats included) -> its codes, saved to ``out`` (.npz)."""
     loaded = load_model(path, which)
+    require_grids(loaded, "encode")
     records, note = data_records(loaded, spec, distinct=False)
     with torch.no_grad():
         codes = encode_grids(loaded.model, [r.grid for r in records])
@@ -124,6 +162,7 @@ def decode_to_file(
 ) -> dict:
     """A codes file -> grids in ARC task JSON at ``out``."""
     loaded = load_model(path, which)
+    require_grids(loaded, "decode")
     codes, metadata = load_codes(codes_path)
     grids = decode_codes(loaded.model, codes, loaded.config.loss.pad_weight)
     tasks = grids_to_arc_json(grids, metadata, out)
@@ -144,14 +183,22 @@ def probe_run(
     max_grids: int = 2000,
     which: str = "best",
 ) -> dict:
-    """Fit a probe from a run's codes (or activations) to a grid property; held-out accuracy."""
+    """Fit a probe from a run's codes (or activations) to a grid property (or, for a sequences
+    run, to a hidden node's state at every position); held-out accuracy."""
     from pips.evaluation.probe import GRID_PROPERTIES, ProbeError, fit_probe, grid_features, split
 
+    loaded = load_model(path, which)
+    if loaded.config.task == "sequences":
+        return _probe_sequences_run(loaded, target, features, hidden, spec, max_grids)
+    if loaded.config.task != "grids":
+        raise ProbeError(
+            f"pips probe reads grid properties or GSSM hidden states; {loaded.checkpoint} is from "
+            f"a {loaded.config.task} run"
+        )
     if target not in GRID_PROPERTIES:
         raise ProbeError(
             f"--target must be one of {', '.join(GRID_PROPERTIES)} for ARC grids; got {target!r}"
         )
-    loaded = load_model(path, which)
     records, note = data_records(loaded, spec)
     grids = [record.grid for record in spread_evenly(records, max_grids)]
     targets = np.array([GRID_PROPERTIES[target](grid) for grid in grids])
@@ -165,6 +212,31 @@ def probe_run(
         "checkpoint": str(loaded.checkpoint),
         "data": note,
         "target": target,
+        "features": features,
+        "probe": f"mlp({hidden})" if hidden else "linear",
+        **scores,
+    }
+
+
+def _probe_sequences_run(loaded, node: str, features: str, hidden: int, spec, count: int) -> dict:
+    """Probe a hidden GSSM node from a sequences run's codes, on its validation sequences
+    (regenerated from the run's config), beside the Bayes-optimal accuracy of the true model."""
+    from pips.evaluation.probe import ProbeError, probe_hidden_state
+    from pips.training.tasks import sequence_splits
+
+    if spec is not None:
+        raise ProbeError(
+            "--data picks ARC grids; a sequences run is probed on the validation sequences of "
+            "its own config: leave --data out"
+        )
+    _, val, gssm = sequence_splits(loaded.config)
+    scores = probe_hidden_state(
+        loaded.model, val, node, features, gssm=gssm, hidden=hidden, max_sequences=count
+    )
+    return {
+        "checkpoint": str(loaded.checkpoint),
+        "data": f"validation sequences of {loaded.config.sequences.preset}",
+        "target": node,
         "features": features,
         "probe": f"mlp({hidden})" if hidden else "linear",
         **scores,

@@ -140,6 +140,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
         )
     find_checkpoint(run_dir)  # a run without checkpoints fails here, before any work
     loaded = load_model(run_dir)
+    from pips.evaluation.commands import require_grids
+
+    require_grids(loaded, "report")
     model, config = loaded.model, loaded.config
     torch.set_grad_enabled(False)
     pad_weight = config.loss.pad_weight

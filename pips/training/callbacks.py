@@ -74,7 +74,7 @@ class TrainingProgress(L.Callback):
             module.log_dict(
                 {
                     "perf/grids_per_second": len(batch) / max(elapsed, 1e-9),
-                    "perf/cells_per_second": float(batch.grid_mask.sum()) / max(elapsed, 1e-9),
+                    "perf/cells_per_second": _elements(batch) / max(elapsed, 1e-9),
                     "perf/step_seconds": elapsed,
                     "perf/data_seconds": self._data_seconds,
                     "perf/peak_memory_mb": peak_memory_mb(module.device),
@@ -102,18 +102,27 @@ class TrainingProgress(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
-        line = (
-            f"step {trainer.global_step}: val cell_accuracy "
-            f"{float(metrics.get('val/cell_accuracy', float('nan'))):.4f}, grid_accuracy "
-            f"{float(metrics.get('val/grid_accuracy', float('nan'))):.4f}, perplexity "
-            f"{float(metrics.get('val/codebook_perplexity', float('nan'))):.1f}"
-        )
+        names = getattr(module, "progress_metrics", ("cell_accuracy", "grid_accuracy"))
+        parts = []
+        for name in names:
+            value = float(metrics.get(f"val/{name}", float("nan")))
+            if name == "codebook_perplexity":
+                parts.append(f"perplexity {value:.1f}")
+            else:
+                parts.append(f"{name} {value:.4f}")
+        line = f"step {trainer.global_step}: val " + ", ".join(parts)
         (self.bar.write if self.bar is not None else print)(line, file=sys.stderr)
 
     def on_train_end(self, trainer, module) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _elements(batch) -> float:
+    """Cells of a grid batch, pixels of an image batch, tokens of a sequence batch."""
+    mask = getattr(batch, "grid_mask", None)
+    return float(mask.sum()) if mask is not None else float(batch.elements)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -207,18 +216,14 @@ class CodebookMonitor(L.Callback):
         self.usage = state_dict.get("usage")
 
 
-class ReconstructionImages(L.Callback):
-    """After a validation, at most every ``every`` steps: a PNG of validation grids, their
-    reconstructions from codes, and the differing cells."""
+class PeriodicDrawing(L.Callback):
+    """Draws after a validation, on rank zero, at most every ``every`` steps (0: never)."""
 
-    def __init__(self, folder: Path, every: int, batch: Batch, num_grids: int = 8):
-        self.folder = Path(folder)
+    def __init__(self, every: int):
         self.every = every
-        self.batch = batch  # the same validation grids every time
-        self.num_grids = num_grids
         self.last_step = None
 
-    def on_validation_end(self, trainer, module) -> None:
+    def due(self, trainer) -> bool:
         step = trainer.global_step
         if (
             trainer.sanity_checking
@@ -226,8 +231,25 @@ class ReconstructionImages(L.Callback):
             or self.every <= 0
             or (self.last_step is not None and step - self.last_step < self.every)
         ):
-            return
+            return False
         self.last_step = step
+        return True
+
+
+class ReconstructionImages(PeriodicDrawing):
+    """After a validation, at most every ``every`` steps: a PNG of validation grids, their
+    reconstructions from codes, and the differing cells."""
+
+    def __init__(self, folder: Path, every: int, batch: Batch, num_grids: int = 8):
+        super().__init__(every)
+        self.folder = Path(folder)
+        self.batch = batch  # the same validation grids every time
+        self.num_grids = num_grids
+
+    def on_validation_end(self, trainer, module) -> None:
+        if not self.due(trainer):
+            return
+        step = trainer.global_step
         batch = self.batch.to(module.device)
         was_training = module.training
         module.eval()
@@ -277,8 +299,17 @@ class TermCurves(L.Callback):
             )
             for title, prefix in self.PANELS
         ]
-        panels.append(("reconstruction", ["train/loss_cells", "val/loss_cells"]))
-        panels.append(("validation", ["val/cell_accuracy", "val/grid_accuracy"]))
+        reconstruction = sorted(
+            key
+            for key in series
+            if key.startswith(("train/loss_", "val/loss_"))
+            and key.split("loss_")[1] in ("cells", "pixels", "tokens")
+        )
+        panels.append(("reconstruction", reconstruction))
+        names = getattr(trainer.lightning_module, "progress_metrics", ())
+        panels.append(
+            ("validation", [f"val/{name}" for name in names if name != "codebook_perplexity"])
+        )
         plot_curves(
             series,
             panels,
@@ -334,8 +365,8 @@ class RunGuard(L.Callback):
         self.skipped = 0
         self.requested: str | None = None
         self.stopped_at: int | None = None
+        self.saved_at: int | None = None  # the step of the last checkpoint written
         self.last_finite: dict[str, object] = {}  # step and the loss terms of the last finite step
-        self.validated_at: int | None = None
         self._previous: dict[int, object] = {}
 
     # ---------------------------------------------------------------------------- signals
@@ -393,16 +424,18 @@ class RunGuard(L.Callback):
         finally:
             epoch_loop._batches_that_stepped -= 1
 
-    def on_validation_end(self, trainer, module) -> None:
-        self.validated_at = trainer.global_step  # ModelCheckpoint saved last.ckpt here
-
     def on_train_end(self, trainer, module) -> None:
-        """The final step is checkpointed too when no validation fell on it, so a later
-        `pips resume` with more steps continues from where training ended."""
+        """The final step is checkpointed too, so a later `pips resume` with more steps
+        continues from where training ended. Also when a validation fell on the last step:
+        Lightning's ModelCheckpoint does not always save there (a run of 10 steps validated at
+        5 and 10 kept last.ckpt of step 5)."""
         step = trainer.global_step
-        if self.stopped_at is not None or step == 0 or self.validated_at == step:
+        if self.stopped_at is not None or step == 0 or self.saved_at == step:
             return
         trainer.save_checkpoint(self.checkpoint)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        self.saved_at = trainer.global_step  # any checkpoint of this step (last.ckpt or best)
 
     # ---------------------------------------------------------------------------- NaN / inf
     def check_loss(self, step: int, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:

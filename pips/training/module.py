@@ -62,16 +62,22 @@ def code_statistics(output: GridDVAEOutput) -> dict[str, torch.Tensor]:
     return stats
 
 
-class GridDVAEModule(L.LightningModule):
-    """Trains a :class:`GridDVAE`. ``dataset_size`` (the number of training grids) feeds the
+class CodeModule(L.LightningModule):
+    """What every task's module shares: the schedules, the latent terms of the code posteriors,
+    the NaN guard, gradient-norm logs, the saved random streams and the optimizer. A task's
+    module builds ``self.model`` (which has a ``quantizer``) in :meth:`build_model` and defines
+    ``train_losses`` and validation. ``dataset_size`` (the number of training items) feeds the
     minibatch estimator of ``loss.mi/tc/dwkl`` unless ``loss.dataset_size`` sets it; None treats
     each batch as the whole dataset."""
+
+    #: validation metrics printed after each validation (``step N: val a 0.1, b 0.2, ...``)
+    progress_metrics: tuple[str, ...] = ("cell_accuracy", "grid_accuracy", "codebook_perplexity")
 
     def __init__(self, config: Config, dataset_size: int | None = None):
         super().__init__()
         self.config = config
         self.save_hyperparameters({"config": to_dict(config)})
-        self.model = GridDVAE(config.model, eos=config.data.eos)
+        self.model = self.build_model()
         max_steps = config.trainer.max_steps
         quantizer = config.model.quantizer
         self.schedules: dict[str, Schedule] = {
@@ -108,36 +114,55 @@ class GridDVAEModule(L.LightningModule):
         self.last_losses: dict[str, torch.Tensor] = {}  # this step's loss parts, detached
         self.guard = None  # a RunGuard (set by the runner): NaN/inf checks of the loss
 
-    # ----------------------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
     @property
-    def sizes_from_cells(self) -> bool:
-        """Spatial runs that learn PAD/EOS read a grid's size off its decoded cells."""
-        return self.model.spatial and self.config.loss.pad_weight > 0
+    def spatial_codes(self) -> bool:
+        """True when a position's latent means a place, not a slot: every slot-wise term then
+        pools all latents of the batch (and padded latents are left out)."""
+        return self.config.model.layout == "spatial"
 
     def schedule_values(self, step: int) -> dict[str, float]:
         return {name: schedule(step) for name, schedule in self.schedules.items()}
 
-    def forward(self, batch: Batch, **schedule_values: float) -> GridDVAEOutput:
+    def forward(self, batch, **schedule_values: float):
         return self.model(batch, **schedule_values)
 
-    def compute_losses(self, output: GridDVAEOutput, batch: Batch, quantizer_weight: float):
-        loss_config = self.config.loss
-        grid_mask = batch.grid_mask
-        # PAD/EOS weigh pad_weight; cells outside the grid's own code patches carry no signal
-        weights = cell_weights(grid_mask, loss_config.pad_weight) * output.covered
-        cells = weighted_cross_entropy(
-            output.cell_logits,
-            batch.tokens,
-            weights,
-            loss_config.focal_gamma,
-            loss_config.label_smoothing,
-        )
-        shape = output.cell_logits.new_zeros(())
-        if not self.sizes_from_cells:  # else the size is read off the decoded PAD/EOS cells
-            shape = shape_cross_entropy(output.height_logits, output.width_logits, batch.shapes)
-        quantizer_loss = output.encoded.quantizer.loss
-        total = cells + loss_config.shape_weight * shape + quantizer_weight * quantizer_loss
-        return {"total": total, "cells": cells, "shape": shape, "quantizer": quantizer_loss}
+    def add_latent_terms(self, output, losses: dict, step: int, values: dict) -> tuple[dict, dict]:
+        """Add the scheduled latent terms to ``losses["total"]``; keep this step's detached loss
+        parts and codes (for the guard and the codebook monitor). Returns (terms, clamp flags)."""
+        weights = {name: schedule(step) for name, schedule in self.term_weights.items()}
+        # the step's codes, for the codebook monitor (indices [B, N(, S)], padding [B, N])
+        self.last_codes = (output.encoded.quantizer.indices, output.encoded.latent_padding)
+        terms, clamped = self.latent_terms(output, weights, values["temperature"])
+        for name, term in terms.items():
+            if weights.get(name, 0.0) > 0:  # mi, tc, dwkl come together
+                losses["total"] = losses["total"] + weights[name] * term
+        self.last_losses = {
+            **{name: value.detach() for name, value in losses.items() if name != "total"},
+            **{name: term.detach() for name, term in terms.items()},
+        }
+        return terms, clamped
+
+    def common_logs(self, output, losses: dict, terms: dict, clamped: dict, values: dict, step):
+        """Loss parts, schedules, quantizer statistics and the latent terms with their weights."""
+        logs = {f"train/loss_{name}": value.detach() for name, value in losses.items()}
+        logs["train/loss"] = losses["total"].detach()
+        logs.update({f"schedule/{name}": value for name, value in values.items()})
+        for key, value in output.encoded.quantizer.stats.items():
+            logs[f"quantizer/{key}"] = value.float()
+        logs.update(code_statistics(output))
+        if self.term_weights:
+            weights = {name: schedule(step) for name, schedule in self.term_weights.items()}
+            logs["loss/total"] = losses["total"].detach()
+            logs.update({f"weight/{name}": weight for name, weight in weights.items()})
+            logs.update({f"loss/{name}": term.detach() for name, term in terms.items()})
+            logs.update({f"loss/clamped_{name}": flag.float() for name, flag in clamped.items()})
+        return logs
+
+    def train_losses(self, batch, step: int, with_logs: bool = False):
+        raise NotImplementedError
 
     def latent_terms(
         self, output: GridDVAEOutput, weights: dict[str, float], temperature: float
@@ -156,7 +181,7 @@ class GridDVAEModule(L.LightningModule):
         logits = output.encoded.quantizer.logits  # [B, N, K]
         terms: dict[str, torch.Tensor] = {}
         clamped: dict[str, torch.Tensor] = {}
-        if self.config.model.layout == "spatial":
+        if self.spatial_codes:
             # the real latents of the whole batch, one per row: every slot-wise term pools them
             latents = logits[~output.encoded.latent_padding].unsqueeze(1)  # [M, 1, K]
             latents_per_grid = latents.shape[0] / logits.shape[0]
@@ -202,53 +227,6 @@ class GridDVAEModule(L.LightningModule):
             terms["lfq_diversity"] = entropy_diversity_loss(latents, loss.diversity_gamma)
         return terms, clamped
 
-    def train_losses(
-        self, batch: Batch, step: int, with_logs: bool = False
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        """The training loss at ``step`` and, with ``with_logs``, every metric to log.
-
-        The encoder sees ``batch`` with some cells masked (``data.mask_ratio``); the losses
-        compare the decoded cells with the original tokens.
-        """
-        values = self.schedule_values(step)
-        weights = {name: schedule(step) for name, schedule in self.term_weights.items()}
-        inputs = mask_cells(batch, self.mask_ratio(step))
-        output = self(inputs, **values)
-        losses = self.compute_losses(output, batch, values["quantizer_weight"])
-        # the step's codes, for the codebook monitor (indices [B, N(, S)], padding [B, N])
-        self.last_codes = (output.encoded.quantizer.indices, output.encoded.latent_padding)
-        terms, clamped = self.latent_terms(output, weights, values["temperature"])
-        for name, term in terms.items():
-            if weights.get(name, 0.0) > 0:  # mi, tc, dwkl come together
-                losses["total"] = losses["total"] + weights[name] * term
-        self.last_losses = {
-            **{name: value.detach() for name, value in losses.items() if name != "total"},
-            **{name: term.detach() for name, term in terms.items()},
-        }
-        if not with_logs:
-            return losses["total"], {}
-
-        with torch.no_grad():
-            colours, _ = predict(self.model, output, batch, self.config.loss.pad_weight)
-            mask = batch.grid_mask
-            accuracy = ((colours == batch.tokens) & mask).sum() / mask.sum()
-        logs = {f"train/loss_{name}": value.detach() for name, value in losses.items()}
-        logs["train/loss"] = losses["total"].detach()
-        logs["train/cell_accuracy"] = accuracy
-        logs.update({f"schedule/{name}": value for name, value in values.items()})
-        for key, value in output.encoded.quantizer.stats.items():
-            logs[f"quantizer/{key}"] = value.float()
-        logs.update(code_statistics(output))
-        if self.term_weights:
-            logs["loss/total"] = losses["total"].detach()
-            logs.update({f"weight/{name}": weight for name, weight in weights.items()})
-            logs.update({f"loss/{name}": term.detach() for name, term in terms.items()})
-            logs.update({f"loss/clamped_{name}": flag.float() for name, flag in clamped.items()})
-        if not schedule_is_off(self.config.data.mask_ratio):
-            hidden = (inputs.tokens != batch.tokens).sum()
-            logs["train/mask_fraction"] = hidden / batch.grid_mask.sum()
-        return losses["total"], logs
-
     def is_logging_step(self, step: int) -> bool:
         return (step + 1) % self.config.trainer.log_every == 0 or step == 0
 
@@ -279,21 +257,6 @@ class GridDVAEModule(L.LightningModule):
         squares_total += float(sum(g.detach().float().pow(2).sum() for g in top_level))
         norms["grad_norm/total"] = squares_total**0.5
         self.log_dict(norms)
-
-    # ----------------------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self.val_metrics = ReconstructionMetrics(self.model.quantizer.codebook_size)
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        output = self(batch, **self.schedule_values(self.global_step))
-        losses = self.compute_losses(output, batch, 0.0)
-        update_metrics(self.val_metrics, self.model, output, batch, self.config.loss.pad_weight)
-        self.log("val/loss_cells", losses["cells"], batch_size=len(batch))
-
-    def on_validation_epoch_end(self) -> None:
-        metrics = self.val_metrics.compute()
-        metrics.pop("grids", None)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
     # ----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -341,3 +304,76 @@ class GridDVAEModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+class GridDVAEModule(CodeModule):
+    """Trains a :class:`GridDVAE` on ARC grids."""
+
+    def build_model(self) -> GridDVAE:
+        return GridDVAE(self.config.model, eos=self.config.data.eos)
+
+    @property
+    def sizes_from_cells(self) -> bool:
+        """Spatial runs that learn PAD/EOS read a grid's size off its decoded cells."""
+        return self.model.spatial and self.config.loss.pad_weight > 0
+
+    def compute_losses(self, output: GridDVAEOutput, batch: Batch, quantizer_weight: float):
+        loss_config = self.config.loss
+        grid_mask = batch.grid_mask
+        # PAD/EOS weigh pad_weight; cells outside the grid's own code patches carry no signal
+        weights = cell_weights(grid_mask, loss_config.pad_weight) * output.covered
+        cells = weighted_cross_entropy(
+            output.cell_logits,
+            batch.tokens,
+            weights,
+            loss_config.focal_gamma,
+            loss_config.label_smoothing,
+        )
+        shape = output.cell_logits.new_zeros(())
+        if not self.sizes_from_cells:  # else the size is read off the decoded PAD/EOS cells
+            shape = shape_cross_entropy(output.height_logits, output.width_logits, batch.shapes)
+        quantizer_loss = output.encoded.quantizer.loss
+        total = cells + loss_config.shape_weight * shape + quantizer_weight * quantizer_loss
+        return {"total": total, "cells": cells, "shape": shape, "quantizer": quantizer_loss}
+
+    def train_losses(
+        self, batch: Batch, step: int, with_logs: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The training loss at ``step`` and, with ``with_logs``, every metric to log.
+
+        The encoder sees ``batch`` with some cells masked (``data.mask_ratio``); the losses
+        compare the decoded cells with the original tokens.
+        """
+        values = self.schedule_values(step)
+        inputs = mask_cells(batch, self.mask_ratio(step))
+        output = self(inputs, **values)
+        losses = self.compute_losses(output, batch, values["quantizer_weight"])
+        terms, clamped = self.add_latent_terms(output, losses, step, values)
+        if not with_logs:
+            return losses["total"], {}
+
+        with torch.no_grad():
+            colours, _ = predict(self.model, output, batch, self.config.loss.pad_weight)
+            mask = batch.grid_mask
+            accuracy = ((colours == batch.tokens) & mask).sum() / mask.sum()
+        logs = self.common_logs(output, losses, terms, clamped, values, step)
+        logs["train/cell_accuracy"] = accuracy
+        if not schedule_is_off(self.config.data.mask_ratio):
+            hidden = (inputs.tokens != batch.tokens).sum()
+            logs["train/mask_fraction"] = hidden / batch.grid_mask.sum()
+        return losses["total"], logs
+
+    # ----------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics = ReconstructionMetrics(self.model.quantizer.codebook_size)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        output = self(batch, **self.schedule_values(self.global_step))
+        losses = self.compute_losses(output, batch, 0.0)
+        update_metrics(self.val_metrics, self.model, output, batch, self.config.loss.pad_weight)
+        self.log("val/loss_cells", losses["cells"], batch_size=len(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute()
+        metrics.pop("grids", None)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)

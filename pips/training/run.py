@@ -29,22 +29,17 @@ from pips.config import (
     save_config,
     schedule_is_off,
 )
-from pips.data.batch import Batch, collate_grids
-from pips.evaluation.evaluate import evaluate
 from pips.training.callbacks import (
     CodebookMonitor,
-    ReconstructionImages,
     RunGuard,
     TermCurves,
     TrainingProgress,
 )
 from pips.training.checkpoint_io import AtomicCheckpointIO
-from pips.training.datamodule import GridDataModule
 from pips.training.loggers import RunCSVLogger
-from pips.training.module import GridDVAEModule
+from pips.training.module import CodeModule
 from pips.training.profiling import LightProfiler, TorchProfiler
-
-SUMMARY_KEYS = ("cell_accuracy", "grid_accuracy", "codebook_perplexity", "bits_per_grid")
+from pips.training.tasks import build_task
 
 
 class RunError(RuntimeError):
@@ -116,7 +111,7 @@ def _build_trainer(
     config: Config,
     run_dir: Path,
     progress: TrainingProgress,
-    image_batch: Batch,
+    images: L.Callback | None,
     guard: RunGuard,
 ) -> L.Trainer:
     trainer_config = config.trainer
@@ -133,14 +128,15 @@ def _build_trainer(
             save_last=True,
             enable_version_counter=False,  # last.ckpt is one file, also written by RunGuard
         ),
-        ReconstructionImages(run_dir / "images", trainer_config.image_every, image_batch),
         CodebookMonitor(
             run_dir / "images",
-            slotted=config.model.layout == "pooled",
+            slotted=config.model.layout == "pooled" and config.task != "images",
             log_every=trainer_config.log_every,
             every=trainer_config.image_every,
         ),
     ]
+    if images is not None:
+        callbacks.append(images)
     if any(not schedule_is_off(getattr(config.loss, name)) for name in LOGIT_TERMS):
         callbacks.append(TermCurves(run_dir, trainer_config.image_every))
     if trainer_config.ema_decay is not None:
@@ -268,14 +264,11 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
     _setup_torch(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     started = time.time()
-    datamodule = GridDataModule(config.data, config.seed)
-    datamodule.setup("fit")
-    module = GridDVAEModule(config, dataset_size=len(datamodule.train_records))
+    task = build_task(config)
+    datamodule, module = task.datamodule, task.module
     if config.trainer.compile:
         module.model = torch.compile(module.model)
     progress = TrainingProgress(config.trainer.progress, config.trainer.log_every)
-    image_records = datamodule.val_records[:: max(len(datamodule.val_records) // 8, 1)][:8]
-    image_batch = collate_grids([record.grid for record in image_records], eos=config.data.eos)
     guard = RunGuard(
         run_dir / "checkpoints" / "last.ckpt",
         config.trainer.stop_signals,
@@ -286,12 +279,12 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
     module.guard = guard
     if config.init_from and ckpt_path is None:
         _initialise_from(module, Path(config.init_from))
-    trainer = _build_trainer(config, run_dir, progress, image_batch, guard)
+    images = task.reconstruction_callback(config, run_dir)
+    trainer = _build_trainer(config, run_dir, progress, images, guard)
+    layout = "" if config.task == "images" else f"layout {config.model.layout}, "
     print(
-        f"training on {len(datamodule.train_records)} grids ({config.data.source} "
-        f"{config.data.train_split}), validating on {len(datamodule.val_records)} "
-        f"({config.data.val_split}); {sum(p.numel() for p in module.parameters()):,} parameters; "
-        f"layout {config.model.layout}, quantizer {config.model.quantizer.kind}",
+        f"{task.description}; {sum(p.numel() for p in module.parameters()):,} parameters; "
+        f"{layout}quantizer {config.model.quantizer.kind}",
         file=sys.stderr,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -310,28 +303,22 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
         return {"status": "interrupted", "steps": trainer.global_step}
     summary = {"status": "finished", "steps": trainer.global_step}
     if trainer.is_global_zero:
-        final = evaluate(
-            module.model,
-            datamodule.eval_dataloader(datamodule.final_val_records),
-            module.device,
-            config.loss.pad_weight,
-            **module.schedule_values(trainer.global_step),
-        )
+        final, evaluated = task.final_metrics(config)
         for logger in trainer.loggers:  # the full-split numbers beside the periodic ones
             logger.log_metrics({f"final/{k}": v for k, v in final.items()}, trainer.global_step)
             logger.save()
-        summary.update({key: final[key] for key in SUMMARY_KEYS})
-        summary.update({f"val_{k}": v for k, v in final.items() if k not in SUMMARY_KEYS})
+        summary.update({key: final[key] for key in task.summary_keys})
+        summary.update({f"val_{k}": v for k, v in final.items() if k not in task.summary_keys})
         previous = _read_summary(run_dir)
         summary["wall_seconds"] = previous.get("wall_seconds", 0.0) + (time.time() - started)
-        summary["grids_per_second"] = progress.grids_per_second
-        summary["train_grids"] = len(datamodule.train_records)
-        summary["val_grids"] = len(datamodule.final_val_records)
+        summary[f"{task.unit}_per_second"] = progress.grids_per_second
+        summary[f"train_{task.unit}"] = task.train_size
+        summary[f"val_{task.unit}"] = evaluated
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _initialise_from(module: GridDVAEModule, path: Path) -> None:
+def _initialise_from(module: CodeModule, path: Path) -> None:
     """pips train --from: the new run's model starts from another run's weights."""
     from pips.evaluation.checkpoints import find_checkpoint, load_weights, read_checkpoint
 
