@@ -223,6 +223,13 @@ def probe(
     ),
     features: str = typer.Option("codes", "--features", help="codes or activations"),
     hidden: int = typer.Option(0, "--hidden", min=0, help="MLP hidden units (0: linear probe)"),
+    layer: int = typer.Option(
+        None,
+        "--layer",
+        min=0,
+        help="sequences runs, --features activations: after this many encoder blocks "
+        "(0: the embeddings; default: the encoder's output)",
+    ),
     data: str = DATA_OPTION,
     grids: int = typer.Option(
         2000, "--grids", min=10, help="at most this many grids (or sequences)"
@@ -241,7 +248,7 @@ def probe(
     from pips.evaluation.probe import ProbeError
 
     try:
-        result = probe_run(run, target, features, hidden, data, grids)
+        result = probe_run(run, target, features, hidden, data, grids, layer=layer)
     except (*_checkpoint_errors(), ProbeError) as error:
         _fail(str(error))
     if as_json:
@@ -345,8 +352,10 @@ def runs(
         [
             ("name", "run"),
             ("status", "status"),
+            ("task", "task"),
             ("quantizer", "quantizer"),
             ("steps", "steps"),
+            ("result", "final"),
             ("best_cell_accuracy", "best cell acc"),
             ("best_grid_accuracy", "best grid acc"),
             ("wall_seconds", "wall"),
@@ -388,7 +397,21 @@ def compare(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    _print_table(rows, COMPARE_COLUMNS)
+    if all(row["task"] == "grids" for row in rows):
+        _print_table(rows, COMPARE_COLUMNS)
+        return
+    _print_table(  # images or sequences: each run's own headline metric
+        rows,
+        [
+            ("name", "run"),
+            ("task", "task"),
+            ("quantizer", "quantizer"),
+            ("result", "final"),
+            ("codebook_perplexity", "perplexity"),
+            ("steps", "steps"),
+            ("wall_seconds", "wall"),
+        ],
+    )
 
 
 @app.command()

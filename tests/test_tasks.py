@@ -91,13 +91,29 @@ def test_pips_evaluate_reproduces_the_final_validation_of_an_images_run(image_ru
     assert metrics["mse"] == pytest.approx(summary["mse"], rel=1e-5)
 
 
-@pytest.mark.parametrize("verb", ["encode", "report"])
+@pytest.mark.parametrize("verb", ["encode", "decode"])
 def test_grid_only_verbs_refuse_an_images_run_with_a_sentence(image_run, tmp_path, verb):
     run_dir, _ = image_run
-    extra = ["--out", str(tmp_path / "codes.npz")] if verb == "encode" else []
+    if verb == "encode":
+        extra = ["--out", str(tmp_path / "codes.npz")]
+    else:
+        extra = [str(tmp_path / "codes.npz"), "--out", str(tmp_path / "grids.json")]
     result = invoke(verb, str(run_dir), *extra)
     assert result.exit_code == 2
     assert "works on ARC grid runs" in result.output and "task images" in result.output
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_pips_report_and_runs_show_images_and_sequences_runs(image_run, sequence_run, tmp_path):
+    for (run_dir, _), shown in ((image_run, "Reconstructions"), (sequence_run, "token_accuracy")):
+        out = tmp_path / f"{run_dir.name}.html"
+        result = invoke("report", str(run_dir), "--out", str(out))
+        assert result.exit_code == 0, result.output
+        page = out.read_text()
+        assert "Curves" in page and "Code usage" in page and shown in page
+    rows = json.loads(invoke("compare", str(image_run[0]), str(sequence_run[0]), "--json").output)
+    assert [row["task"] for row in rows] == ["images", "sequences"]
+    assert rows[0]["result"].startswith("PSNR dB") and rows[1]["result"].startswith("token acc")
 
 
 def test_vit_dct_images_with_gumbel_codes_and_latent_terms_train_finite(tmp_path):
@@ -139,6 +155,21 @@ def test_pips_probe_reads_a_hidden_node_against_the_bayes_optimal_accuracy(seque
     assert 0.0 <= scores["accuracy"] <= 1.0
     bad = invoke("probe", str(run_dir), "--target", "clock")
     assert bad.exit_code == 2 and "unknown hidden node 'clock'" in bad.output
+    layer = invoke(
+        "probe",
+        str(run_dir),
+        "--target",
+        "phase",
+        "--features",
+        "activations",
+        "--layer",
+        "0",
+        "--json",
+    )
+    assert layer.exit_code == 0, layer.output
+    assert json.loads(layer.output)["features"] == "activations after layer 0"
+    refused = invoke("probe", str(run_dir), "--target", "phase", "--layer", "1")
+    assert refused.exit_code == 2 and "--layer picks encoder activations" in refused.output
 
 
 def test_each_task_picks_its_best_checkpoints_by_its_own_metric():

@@ -182,6 +182,7 @@ def probe_run(
     spec: str | None = None,
     max_grids: int = 2000,
     which: str = "best",
+    layer: int | None = None,
 ) -> dict:
     """Fit a probe from a run's codes (or activations) to a grid property (or, for a sequences
     run, to a hidden node's state at every position); held-out accuracy."""
@@ -189,12 +190,14 @@ def probe_run(
 
     loaded = load_model(path, which)
     if loaded.config.task == "sequences":
-        return _probe_sequences_run(loaded, target, features, hidden, spec, max_grids)
+        return _probe_sequences_run(loaded, target, features, hidden, spec, max_grids, layer)
     if loaded.config.task != "grids":
         raise ProbeError(
             f"pips probe reads grid properties or GSSM hidden states; {loaded.checkpoint} is from "
             f"a {loaded.config.task} run"
         )
+    if layer is not None:
+        raise ProbeError("--layer picks a sequence encoder's layer; ARC grid probes use the codes")
     if target not in GRID_PROPERTIES:
         raise ProbeError(
             f"--target must be one of {', '.join(GRID_PROPERTIES)} for ARC grids; got {target!r}"
@@ -218,7 +221,9 @@ def probe_run(
     }
 
 
-def _probe_sequences_run(loaded, node: str, features: str, hidden: int, spec, count: int) -> dict:
+def _probe_sequences_run(
+    loaded, node: str, features: str, hidden: int, spec, count: int, layer: int | None
+) -> dict:
     """Probe a hidden GSSM node from a sequences run's codes, on its validation sequences
     (regenerated from the run's config), beside the Bayes-optimal accuracy of the true model."""
     from pips.evaluation.probe import ProbeError, probe_hidden_state
@@ -231,13 +236,19 @@ def _probe_sequences_run(loaded, node: str, features: str, hidden: int, spec, co
         )
     _, val, gssm = sequence_splits(loaded.config)
     scores = probe_hidden_state(
-        loaded.model, val, node, features, gssm=gssm, hidden=hidden, max_sequences=count
+        loaded.model,
+        val,
+        node,
+        features,
+        gssm=gssm,
+        hidden=hidden,
+        max_sequences=count,
+        layer=layer,
     )
     return {
         "checkpoint": str(loaded.checkpoint),
         "data": f"validation sequences of {loaded.config.sequences.preset}",
         "target": node,
-        "features": features,
         "probe": f"mlp({hidden})" if hidden else "linear",
         **scores,
     }

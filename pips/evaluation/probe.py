@@ -174,11 +174,13 @@ def sequence_features(
     tokens: np.ndarray | torch.Tensor,
     features: str = "codes",
     batch_size: int = 256,
+    layer: int | None = None,
 ) -> np.ndarray | tuple[np.ndarray, int]:
     """Per-token features of sequences ``tokens [B, T]``, row ``b * T + t`` for token ``t`` of
     sequence ``b`` (eval mode, argmax codes):
 
-    - ``activations``: the encoder output at the token, float ``[B*T, width]``;
+    - ``activations``: the encoder output at the token, float ``[B*T, width]`` (with ``layer``:
+      the residual stream after that many encoder blocks, 0 being the embeddings);
     - ``codes``, spatial layout: the code covering the token (``t // p``; every level of a
       multi-level quantizer) joined with the token's offset in the patch,
       ``code * p + t mod p``, so a linear probe can read any function of the pair;
@@ -201,6 +203,12 @@ def sequence_features(
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     if tokens.dim() != 2:
         raise ProbeError(f"tokens must be [sequences, length]; got shape {tuple(tokens.shape)}")
+    depth = len(model.encoder)
+    if layer is not None and (features != "activations" or not 0 <= layer <= depth):
+        raise ProbeError(
+            f"--layer picks encoder activations: 0 (the embeddings) to {depth} (after the last "
+            f"block), with --features activations; got layer {layer} with features {features}"
+        )
     count, length = tokens.shape
     was_training = model.training
     model.eval()
@@ -209,7 +217,9 @@ def sequence_features(
         for start in range(0, count, batch_size):
             chunk = tokens[start : start + batch_size].to(_device(model))
             batch = chunk.shape[0]
-            activations = model.token_activations(chunk)  # [b, T, W]
+            activations = model.token_activations(  # [b, T, W]
+                chunk, layer if features == "activations" else None
+            )
             if features == "activations":
                 rows.append(activations.reshape(batch * length, -1).float().cpu().numpy())
                 continue
@@ -332,6 +342,7 @@ def probe_hidden_state(
     steps: int = 500,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    layer: int | None = None,
 ) -> dict:
     """How well ``node``'s hidden state at every position can be read off the model's codes or
     activations (:func:`sequence_features`) of the first ``max_sequences`` sequences of ``data``
@@ -346,10 +357,10 @@ def probe_hidden_state(
     if max_sequences < 2:
         raise ProbeError(f"max_sequences must be at least 2 (train and test); got {max_sequences}")
     observations = np.asarray(data["observations"])[:max_sequences]
-    values = sequence_features(model, observations, features)
+    values = sequence_features(model, observations, features, layer=layer)
     rows, codebook = values if isinstance(values, tuple) else (values, None)
     scores = probe_sequences(
         rows, data, node, codebook, gssm, hidden, test_fraction, steps, weight_decay, seed
     )
-    scores["features"] = features
+    scores["features"] = features if layer is None else f"{features} after layer {layer}"
     return scores

@@ -140,9 +140,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
         )
     find_checkpoint(run_dir)  # a run without checkpoints fails here, before any work
     loaded = load_model(run_dir)
-    from pips.evaluation.commands import require_grids
-
-    require_grids(loaded, "report")
+    if loaded.config.task != "grids":
+        return _write_task_report(run_dir, loaded, out)
     model, config = loaded.model, loaded.config
     torch.set_grad_enabled(False)
     pad_weight = config.loss.pad_weight
@@ -220,6 +219,78 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
     config_text = (run_dir / "config.yaml").read_text()
     sections["Config"] = f"<pre>{html.escape(config_text)}</pre>"
 
+    out = Path(out) if out is not None else run_dir / "report.html"
+    out.write_text(_page(row["name"], sections))
+    return out
+
+
+# images and sequences runs: their loss, their validation metrics, code usage, schedules
+TASK_CURVE_PANELS = {
+    "images": [
+        ("loss", ["train/loss", "train/loss_pixels", "val/loss_pixels", "train/loss_quantizer"]),
+        ("PSNR (dB)", ["train/psnr", "val/psnr"]),
+    ],
+    "sequences": [
+        ("loss", ["train/loss", "train/loss_tokens", "val/loss_tokens", "train/loss_quantizer"]),
+        ("accuracy", ["train/token_accuracy", "val/token_accuracy", "val/sequence_accuracy"]),
+    ],
+}
+
+
+def _latest_image(folder: Path, pattern: str) -> str | None:
+    """The newest ``pattern`` PNG the run wrote (by step in its name), embedded; None if none."""
+    files = sorted(folder.glob(pattern))
+    if not files:
+        return None
+    return _png(lambda f: f.write(files[-1].read_bytes())) + (
+        f"<p class='note'>{html.escape(files[-1].name)}</p>"
+    )
+
+
+def _write_task_report(run_dir: Path, loaded, out: str | Path | None) -> Path:
+    """The report of an images or sequences run: its summary, curves, the code usage and
+    reconstruction images written during training, and the config."""
+    config = loaded.config
+    row = run_row(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    model = (
+        f"{config.images.backbone} backbone"
+        if config.task == "images"
+        else f"{config.model.layout} layout"
+    )
+    facts = [
+        ("run", row["name"]),
+        ("status", row["status"]),
+        ("task", config.task),
+        ("model", f"{model}, {config.model.quantizer.kind} quantizer"),
+        ("checkpoint", f"{loaded.checkpoint.name} (step {loaded.step})"),
+        ("steps", _format(row["steps"])),
+        ("wall time", format_seconds(row["wall_seconds"])),
+    ]
+    facts += [
+        (key, _format(value))
+        for key, value in summary.items()
+        if key not in ("status", "steps", "wall_seconds")
+    ]
+    sections = {"Summary": _table(facts)}
+    series = read_metrics(run_dir / "metrics.csv")
+    panels = TASK_CURVE_PANELS[config.task] + CURVE_PANELS[2:]
+    curves = io.BytesIO()
+    drawn = plot_curves(series, panels, curves, title=row["name"])
+    sections["Curves"] = (
+        _png(lambda f: f.write(curves.getvalue())) if drawn else "<p>No metrics logged yet.</p>"
+    )
+    images = run_dir / "images"
+    sections["Code usage"] = _latest_image(images, "code_usage_step*.png") or (
+        "<p>No code-usage image was written (trainer.image_every=0 or no codes).</p>"
+    )
+    if config.task == "images":
+        sections["Reconstructions"] = _latest_image(images, "reconstructions_step*.png") or (
+            "<p>No reconstruction image was written (trainer.image_every=0).</p>"
+        )
+    config_text = (run_dir / "config.yaml").read_text()
+    sections["Config"] = f"<pre>{html.escape(config_text)}</pre>"
     out = Path(out) if out is not None else run_dir / "report.html"
     out.write_text(_page(row["name"], sections))
     return out

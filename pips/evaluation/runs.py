@@ -97,10 +97,15 @@ def run_row(run_dir: Path) -> dict:
     if wall is None and status_record.get("started"):
         started = time.mktime(time.strptime(status_record["started"], "%Y-%m-%dT%H:%M:%S"))
         wall = time.time() - started
+    task = config.get("task", "grids")
+    metric, label, digits = HEADLINES.get(task, HEADLINES["grids"])
+    value = summary.get(metric, _best(series, f"val/{metric}"))
     return {
         "name": run_dir.name,
         "path": str(run_dir),
         "status": run_status(run_dir),
+        "task": task,
+        "result": None if value is None else f"{label} {value:.{digits}f}",
         "layout": model.get("layout"),
         "quantizer": quantizer.get("kind"),
         "steps": steps,
@@ -117,6 +122,14 @@ def run_row(run_dir: Path) -> dict:
         "wall_seconds": wall,
         "error": status_record.get("error"),
     }
+
+
+# each task's headline validation metric: (metric, label, decimals)
+HEADLINES = {
+    "grids": ("cell_accuracy", "cell acc", 3),
+    "images": ("psnr", "PSNR dB", 2),
+    "sequences": ("token_accuracy", "token acc", 3),
+}
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -134,17 +134,25 @@ class SequenceAutoencoder(nn.Module):
                 f"the model with a larger max_length"
             )
 
-    def token_activations(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> encoder outputs [B, T, width] (after the final RMSNorm)."""
+    def token_activations(self, tokens: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """tokens [B, T] -> encoder outputs [B, T, width] (after the final RMSNorm), or with
+        ``layer`` the residual stream after that many encoder blocks (0: the embeddings)."""
         self._check(tokens)
+        if layer is not None and not 0 <= layer <= len(self.encoder):
+            raise ValueError(
+                f"layer must be between 0 (the embeddings) and {len(self.encoder)} (the encoder's "
+                f"blocks); got {layer}"
+            )
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         h = self.token_embedding(tokens)
         if self.input_position is not None:
             h = h + self.input_position(positions)
         rope = self.rope(positions)
-        for block in self.encoder:
+        for number, block in enumerate(self.encoder):
+            if number == layer:
+                return h
             h = block(h, rope)
-        return self.encoder_norm(h)
+        return h if layer is not None else self.encoder_norm(h)
 
     def _segments(self, length: int, device: torch.device) -> torch.Tensor:
         """Pooled ``regions``: [N, T] averaging weights of the N contiguous segments."""
