@@ -161,19 +161,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
     )[:shown]
 
     sections: dict[str, str] = {}
-    facts = [
-        ("run", row["name"]),
-        ("status", row["status"]),
-        ("model", f"{config.model.layout} layout, {config.model.quantizer.kind} quantizer"),
-        ("checkpoint", f"{loaded.checkpoint.name} (step {loaded.step})"),
-        ("steps", _format(row["steps"])),
-        ("wall time", format_seconds(row["wall_seconds"])),
-    ]
-    facts += [
-        (key, _format(value))
-        for key, value in summary.items()
-        if key not in ("status", "steps", "wall_seconds")
-    ]
+    facts = _run_facts(row, loaded, f"{config.model.layout} layout", summary)
     facts += [
         (
             f"report: mean per-grid cell accuracy on {len(records)} validation grids",
@@ -224,6 +212,25 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
     return out
 
 
+def _run_facts(row: dict, loaded, model: str, summary: dict) -> list[tuple[str, str]]:
+    """The summary table's rows: the run, its model and checkpoint, then summary.json."""
+    config = loaded.config
+    facts = [
+        ("run", row["name"]),
+        ("status", row["status"]),
+        ("task", config.task),
+        ("model", f"{model}, {config.model.quantizer.kind} quantizer"),
+        ("checkpoint", f"{loaded.checkpoint.name} (step {loaded.step})"),
+        ("steps", _format(row["steps"])),
+        ("wall time", format_seconds(row["wall_seconds"])),
+    ]
+    return facts + [
+        (key, _format(value))
+        for key, value in summary.items()
+        if key not in ("status", "steps", "wall_seconds")
+    ]
+
+
 # images and sequences runs: their loss, their validation metrics, code usage, schedules
 TASK_CURVE_PANELS = {
     "images": [
@@ -259,21 +266,7 @@ def _write_task_report(run_dir: Path, loaded, out: str | Path | None) -> Path:
         if config.task == "images"
         else f"{config.model.layout} layout"
     )
-    facts = [
-        ("run", row["name"]),
-        ("status", row["status"]),
-        ("task", config.task),
-        ("model", f"{model}, {config.model.quantizer.kind} quantizer"),
-        ("checkpoint", f"{loaded.checkpoint.name} (step {loaded.step})"),
-        ("steps", _format(row["steps"])),
-        ("wall time", format_seconds(row["wall_seconds"])),
-    ]
-    facts += [
-        (key, _format(value))
-        for key, value in summary.items()
-        if key not in ("status", "steps", "wall_seconds")
-    ]
-    sections = {"Summary": _table(facts)}
+    sections = {"Summary": _table(_run_facts(row, loaded, model, summary))}
     series = read_metrics(run_dir / "metrics.csv")
     panels = TASK_CURVE_PANELS[config.task] + CURVE_PANELS[2:]
     curves = io.BytesIO()
