@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pips.config import QuantizerConfig
+from pips.config import ModelConfig, QuantizerConfig
 from pips.quantizers import QUANTIZERS, Quantizer
 
 # The constructor arguments each quantizer takes from the config; `dim` is the model width and
@@ -71,3 +71,29 @@ def build_quantizer(config: QuantizerConfig, dim: int, num_slots: int | None) ->
             f"quantizer {config.kind!r} is not available; available: {', '.join(QUANTIZERS)}"
         )
     return QUANTIZERS[config.kind](**QUANTIZER_ARGUMENTS[config.kind](config, dim, num_slots))
+
+
+def block_arguments(config: ModelConfig) -> dict[str, Any]:
+    """The transformer Block arguments every model takes from ``model.*``."""
+    return dict(
+        width=config.width,
+        heads=config.heads,
+        mlp=config.mlp,
+        mlp_ratio=config.mlp_ratio,
+        dropout=config.dropout,
+    )
+
+
+def build_pooling(config: ModelConfig):
+    """LatentPooling of ``model.num_latents`` slots with ``model.pooling_layers`` blocks."""
+    from pips.nn.pooling import LatentPooling
+
+    return LatentPooling(
+        config.width,
+        config.heads,
+        config.num_latents,
+        config.pooling_layers,
+        config.mlp,
+        config.mlp_ratio,
+        config.dropout,
+    )

@@ -28,8 +28,13 @@ from torch import nn
 from pips.config import ModelConfig
 from pips.data.batch import Batch
 from pips.data.vocab import MAX_GRID_SIZE, VOCAB, Vocabulary
-from pips.models.build import build_quantizer, quantizer_dim
-from pips.nn.pooling import LatentPooling, region_matrix, region_of
+from pips.models.build import (
+    block_arguments,
+    build_pooling,
+    build_quantizer,
+    quantizer_dim,
+)
+from pips.nn.pooling import region_matrix, region_of
 from pips.nn.rope import Rope2D
 from pips.nn.transformer import Block, init_weights
 from pips.quantizers import QuantizerOutput
@@ -99,13 +104,7 @@ class GridDVAE(nn.Module):
             math.isqrt(config.num_latents) if not self.spatial and config.slots != "learned" else 0
         )
         head_dim = width // config.heads
-        block_args = dict(
-            width=width,
-            heads=config.heads,
-            mlp=config.mlp,
-            mlp_ratio=config.mlp_ratio,
-            dropout=config.dropout,
-        )
+        block_args = block_arguments(config)
 
         # encoder: one embedding row per (position in patch, token), summed over the patch
         self.token_embedding = nn.Embedding(self.token_patch**2 * vocab.size, width)
@@ -113,19 +112,7 @@ class GridDVAE(nn.Module):
         self.encoder = nn.ModuleList(Block(**block_args) for _ in range(config.encoder_layers))
         self.encoder_norm = nn.RMSNorm(width)
 
-        self.pooling = (
-            None
-            if self.spatial
-            else LatentPooling(
-                width,
-                config.heads,
-                config.num_latents,
-                config.pooling_layers,
-                config.mlp,
-                config.mlp_ratio,
-                config.dropout,
-            )
-        )
+        self.pooling = None if self.spatial else build_pooling(config)
         code_dim = quantizer_dim(config.quantizer, width)
         self.to_latent = nn.Linear(width, code_dim) if code_dim != width else nn.Identity()
 

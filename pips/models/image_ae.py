@@ -30,7 +30,11 @@ from torch import nn
 
 from pips.config import ConfigError, ImageConfig, ModelConfig
 from pips.losses.pixels import logit_laplace_mean
-from pips.models.build import build_quantizer, quantizer_dim
+from pips.models.build import (
+    block_arguments,
+    build_quantizer,
+    quantizer_dim,
+)
 from pips.models.grid_dvae import Encoded, grid_positions
 from pips.nn.conv import ConvDecoder, ConvEncoder
 from pips.nn.dct import block_dct, block_idct, blocks_to_zigzag, zigzag_to_blocks
@@ -108,13 +112,7 @@ class ImageAutoencoder(nn.Module):
             self.side = image_size // patch
             self.dct = images.dct
             patch_dim = channels * patch * patch
-            block_args = dict(
-                width=width,
-                heads=model.heads,
-                mlp=model.mlp,
-                mlp_ratio=model.mlp_ratio,
-                dropout=model.dropout,
-            )
+            block_args = block_arguments(model)
             self.patch_embedding = nn.Linear(patch_dim, width)
             self.encoder_row = nn.Embedding(self.side, width)
             self.encoder_col = nn.Embedding(self.side, width)

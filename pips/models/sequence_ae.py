@@ -33,9 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pips.config import ModelConfig
-from pips.models.build import build_quantizer, quantizer_dim
+from pips.models.build import (
+    block_arguments,
+    build_pooling,
+    build_quantizer,
+    quantizer_dim,
+)
 from pips.models.grid_dvae import Encoded
-from pips.nn.pooling import LatentPooling, region_matrix, region_of
+from pips.nn.pooling import region_matrix, region_of
 from pips.nn.rope import Rope1D
 from pips.nn.transformer import Block, init_weights
 
@@ -68,32 +73,14 @@ class SequenceAutoencoder(nn.Module):
         self.regions = not self.spatial and model.slots != "learned"  # regions or local
         width = model.width
         self.width = width
-        block_args = dict(
-            width=width,
-            heads=model.heads,
-            mlp=model.mlp,
-            mlp_ratio=model.mlp_ratio,
-            dropout=model.dropout,
-        )
+        block_args = block_arguments(model)
 
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.input_position = None if self.spatial else nn.Embedding(max_length, width)
         self.rope = Rope1D(width // model.heads, model.rope_base_col)
         self.encoder = nn.ModuleList(Block(**block_args) for _ in range(model.encoder_layers))
         self.encoder_norm = nn.RMSNorm(width)
-        self.pooling = (
-            None
-            if self.spatial
-            else LatentPooling(
-                width,
-                model.heads,
-                model.num_latents,
-                model.pooling_layers,
-                model.mlp,
-                model.mlp_ratio,
-                model.dropout,
-            )
-        )
+        self.pooling = None if self.spatial else build_pooling(model)
         code_dim = quantizer_dim(model.quantizer, width)
         self.to_latent = nn.Linear(width, code_dim) if code_dim != width else nn.Identity()
 
