@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pips.config import Config
+from pips.evaluation.metrics import perplexity
 from pips.training.callbacks import PeriodicDrawing
 from pips.training.module import CodeModule
 
@@ -180,18 +181,48 @@ class ImageDataModule(_TensorDataModule):
         )
 
 
+class CodeCounter:
+    """A histogram of the code indices seen in validation ([B, N], or [B, N, levels]: the first
+    level's codebook), its perplexity and how many codes were used."""
+
+    def __init__(self, codebook_size: int):
+        self.codebook_size = codebook_size
+        self.counts: torch.Tensor | None = None
+        self.codes_per_item = 0
+
+    def update(self, indices: torch.Tensor | None) -> None:
+        if indices is None:
+            return
+        if indices.dim() == 3:
+            indices = indices[..., 0]  # the first level (residual / group): one codebook
+        self.codes_per_item = indices.shape[1]
+        counts = torch.bincount(indices.reshape(-1).cpu(), minlength=self.codebook_size)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def compute(self, bits_per_code: float, unit: str) -> dict[str, float]:
+        if self.counts is None:
+            return {
+                f"bits_per_{unit}": 0.0,
+                "codebook_perplexity": float("nan"),
+                "codes_used": 0.0,
+            }
+        return {
+            f"bits_per_{unit}": bits_per_code * self.codes_per_item,
+            "codebook_perplexity": float(perplexity(self.counts)),
+            "codes_used": float((self.counts > 0).sum()),
+        }
+
+
 class ImageMetrics:
     """Validation sums: squared error, per-image PSNR, pixel loss and code counts."""
 
     def __init__(self, codebook_size: int):
-        self.codebook_size = codebook_size
         self.squared_error = 0.0
         self.elements = 0
         self.psnr_sum = 0.0
         self.loss_sum = 0.0
         self.images = 0
-        self.counts: torch.Tensor | None = None
-        self.codes_per_image = 0
+        self.codes = CodeCounter(codebook_size)
 
     def update(self, output, batch: ImageBatch, loss: torch.Tensor) -> None:
         from pips.losses.pixels import psnr
@@ -203,7 +234,7 @@ class ImageMetrics:
         self.psnr_sum += float(psnr(reconstruction, target).per_image.sum())
         self.loss_sum += float(loss) * len(batch)
         self.images += len(batch)
-        _count_codes(self, output.encoded.quantizer.indices)
+        self.codes.update(output.encoded.quantizer.indices)
 
     def compute(self, bits_per_code: float) -> dict[str, float]:
         mse = self.squared_error / max(self.elements, 1)
@@ -211,32 +242,9 @@ class ImageMetrics:
             "mse": mse,
             "psnr": self.psnr_sum / max(self.images, 1),
             "loss_pixels": self.loss_sum / max(self.images, 1),
-            "bits_per_image": bits_per_code * self.codes_per_image,
         }
-        metrics.update(_code_metrics(self))
+        metrics.update(self.codes.compute(bits_per_code, "image"))
         return metrics
-
-
-def _count_codes(metrics, indices: torch.Tensor | None) -> None:
-    """Accumulate a histogram of code indices ([B, N] or [B, N, levels]: each level's own)."""
-    if indices is None:
-        return
-    if indices.dim() == 3:
-        indices = indices[..., 0]  # the first level (residual / group): one codebook
-    metrics.codes_per_image = indices.shape[1]
-    counts = torch.bincount(indices.reshape(-1).cpu(), minlength=metrics.codebook_size)
-    metrics.counts = counts if metrics.counts is None else metrics.counts + counts
-
-
-def _code_metrics(metrics) -> dict[str, float]:
-    if metrics.counts is None:
-        return {"codebook_perplexity": float("nan"), "codes_used": 0.0}
-    probs = metrics.counts.double() / metrics.counts.sum().clamp_min(1)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-    return {
-        "codebook_perplexity": float(entropy.exp()),
-        "codes_used": float((metrics.counts > 0).sum()),
-    }
 
 
 def _bits_per_code(model) -> float:
@@ -455,14 +463,12 @@ class SequenceDataModule(_TensorDataModule):
 
 class SequenceMetrics:
     def __init__(self, codebook_size: int):
-        self.codebook_size = codebook_size
         self.correct = 0
         self.tokens = 0
         self.exact = 0
         self.sequences = 0
         self.loss_sum = 0.0
-        self.counts: torch.Tensor | None = None
-        self.codes_per_image = 0
+        self.codes = CodeCounter(codebook_size)
 
     def update(self, output, batch: SequenceBatch, loss: torch.Tensor) -> None:
         right = output.token_logits.argmax(-1) == batch.tokens
@@ -471,16 +477,15 @@ class SequenceMetrics:
         self.exact += int(right.all(-1).sum())
         self.sequences += len(batch)
         self.loss_sum += float(loss) * right.numel()
-        _count_codes(self, output.encoded.quantizer.indices)
+        self.codes.update(output.encoded.quantizer.indices)
 
     def compute(self, bits_per_code: float) -> dict[str, float]:
         metrics = {
             "token_accuracy": self.correct / max(self.tokens, 1),
             "sequence_accuracy": self.exact / max(self.sequences, 1),
             "loss_tokens": self.loss_sum / max(self.tokens, 1),
-            "bits_per_sequence": bits_per_code * self.codes_per_image,
         }
-        metrics.update(_code_metrics(self))
+        metrics.update(self.codes.compute(bits_per_code, "sequence"))
         return metrics
 
 
