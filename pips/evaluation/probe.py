@@ -50,18 +50,23 @@ class ProbeError(ValueError):
     """A probe that cannot be fitted as asked; the message says why."""
 
 
+def _check_features(model, features: str) -> None:
+    """Known features, and codes only from a model that has a quantizer."""
+    if features not in FEATURES:
+        raise ProbeError(f"probe features must be one of {FEATURES}; got {features!r}")
+    if features == "codes" and model.config.quantizer.kind == "none":
+        raise ProbeError(
+            "this model has no quantizer (model.quantizer.kind=none), so it has no codes to "
+            "probe; use --features activations"
+        )
+
+
 @torch.no_grad()
 def grid_features(
     model: GridDVAE, grids: Sequence[np.ndarray], kind: str, batch_size: int = 128
 ) -> np.ndarray | tuple[np.ndarray, int]:
     """``[G, F]`` float features, or for pooled ``codes`` the ``[G, N]`` indices and K."""
-    if kind not in FEATURES:
-        raise ProbeError(f"probe features must be one of {FEATURES}; got {kind!r}")
-    if kind == "codes" and model.config.quantizer.kind == "none":
-        raise ProbeError(
-            "this model has no quantizer (model.quantizer.kind=none), so it has no codes to "
-            "probe; use --features activations"
-        )
+    _check_features(model, kind)
     model.eval()
     rows: list[np.ndarray | None] = [None] * len(grids)
     order = sorted(range(len(grids)), key=lambda i: (grids[i].shape, i))
@@ -193,13 +198,7 @@ def sequence_features(
     value), so for pooled codes reading a state that depends on a slot's code *and* the position
     jointly needs ``hidden > 0``.
     """
-    if features not in FEATURES:
-        raise ProbeError(f"probe features must be one of {FEATURES}; got {features!r}")
-    if features == "codes" and model.config.quantizer.kind == "none":
-        raise ProbeError(
-            "this model has no quantizer (model.quantizer.kind=none), so it has no codes to "
-            "probe; use features=activations"
-        )
+    _check_features(model, features)
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     if tokens.dim() != 2:
         raise ProbeError(f"tokens must be [sequences, length]; got shape {tuple(tokens.shape)}")
