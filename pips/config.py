@@ -94,6 +94,13 @@ class DataConfig:
     keep_black: bool = option(True, "augment: colour 0 (black) stays 0")
     dihedral: bool = option(True, "augment: random rotation/flip (8 dihedral transforms)")
     bucket: bool = option(True, "group grids of similar size into a batch (pads less)")
+    batch_cells: int | None = option(
+        None,
+        "training: cut bucketed batches by cells instead of grids: n grids of largest side s "
+        "with n*s*s <= batch_cells (and n <= batch_size), so large grids get their share of "
+        "the steps (None: batch_size grids a batch)",
+        min=1,
+    )
     num_workers: int = option(0, "dataloader worker processes", min=0)
     mask_ratio: Schedule = option(
         _OFF,
@@ -731,6 +738,12 @@ def check_config(config: Config) -> None:
                 f"config key 'trainer.stop_signals' names {name!r}, which is not a signal here; "
                 f"use names like SIGINT, SIGTERM, SIGUSR1"
             )
+    if config.data.batch_cells is not None and not config.data.bucket:
+        raise ConfigError(
+            f"config key 'data.batch_cells' ({config.data.batch_cells}) cuts size-bucketed "
+            f"batches by cells, but data.bucket is false; set data.bucket=true or "
+            f"data.batch_cells=null"
+        )
     side = math.isqrt(model.num_latents)
     if model.layout == "pooled" and model.slots != "learned" and side * side != model.num_latents:
         raise ConfigError(

@@ -425,6 +425,52 @@ def test_replicas_get_equal_disjoint_shares_that_cover_the_epoch(arc1_shapes):
     assert covered == set(range(len(arc1_shapes)))
 
 
+def test_cell_budget_batches_cover_the_epoch_and_hold_the_budget(arc1_shapes):
+    budget, cap = 6144, 64
+    sampler = BucketBatchSampler(arc1_shapes, cap, seed=2, max_cells=budget)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(arc1_shapes)))
+        for batch in batches:
+            side = int(arc1_shapes[batch].max())
+            assert len(batch) <= cap
+            assert len(batch) == 1 or len(batch) * side * side <= budget
+    # large grids get their share of the steps: a grid-count batch of 32 gives the grids of
+    # 500 cells or more (4% of them) 4% of the batches, a 6,144-cell budget four times that
+    cells = arc1_shapes.prod(axis=1)
+
+    def large_share(batches):
+        return np.mean([cells[batch].mean() >= 500 for batch in batches])
+
+    counted = BucketBatchSampler(arc1_shapes, 32, seed=2).epoch_batches(0)
+    budgeted = sampler.epoch_batches(0)
+    assert large_share(budgeted) > 3 * large_share(counted)
+    assert abs(len(budgeted) - len(counted)) <= 0.1 * len(counted)  # as many steps an epoch
+
+
+def test_cell_budget_batches_resume_and_shard_like_counted_ones(arc1_shapes):
+    sampler = BucketBatchSampler(arc1_shapes, 64, seed=1, max_cells=4096)
+    full = sampler.epoch_batches(0)
+    iterator = iter(sampler)
+    [next(iterator) for _ in range(7)]
+    resumed = BucketBatchSampler(arc1_shapes, 64, seed=1, max_cells=4096)
+    resumed.load_state_dict(sampler.state_dict())
+    assert list(resumed) == full[7:]
+    shares = [
+        BucketBatchSampler(arc1_shapes, 64, max_cells=4096, num_replicas=2, rank=r).epoch_batches(0)
+        for r in range(2)
+    ]
+    assert len(shares[0]) == len(shares[1])
+    assert {i for share in shares for batch in share for i in batch} == set(range(len(arc1_shapes)))
+
+
+def test_a_cell_budget_needs_bucketed_batches(arc1_shapes):
+    with pytest.raises(ValueError, match="max_cells.*bucket"):
+        BucketBatchSampler(arc1_shapes, 32, bucket=False, max_cells=4096)
+
+
 def test_batch_indices_survive_pickling_for_workers():
     batch = BatchIndices([3, 1, 2], seed=5, epoch=6, batch_number=7)
     copy = pickle.loads(pickle.dumps(batch))

@@ -87,11 +87,13 @@ def make_dataloader(
     num_replicas: int = 1,
     rank: int = 0,
     pin_memory: bool = False,
+    max_cells: int | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader yielding :class:`Batch` objects; its ``batch_sampler`` holds the resume state.
 
     Training: ``shuffle=True`` and an augmenter. Validation: ``shuffle=False``, no augmenter.
     ``pad_to_max`` puts every grid on a 30x30 canvas (the unbucketed baseline for benchmarks).
+    ``max_cells``: batches cut by a cell budget (see :class:`BucketBatchSampler`).
     """
     dataset = GridBatches(records, augmenter)
     batch_sampler = BucketBatchSampler(
@@ -103,6 +105,7 @@ def make_dataloader(
         drop_last=drop_last,
         num_replicas=num_replicas,
         rank=rank,
+        max_cells=max_cells,
     )
     canvas_size = (MAX_GRID_SIZE, MAX_GRID_SIZE) if pad_to_max else None
     return GridDataLoader(

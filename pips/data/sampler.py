@@ -54,6 +54,13 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     ``num_replicas``/``rank`` split each epoch's batches between data-parallel processes (batch
     ``rank``, ``rank + num_replicas``, ...), repeating a few batches so every rank gets as many.
+
+    ``max_cells`` (bucketed only) cuts batches by a cell budget instead of a grid count: a batch
+    of ``n`` grids whose largest side is ``s`` holds ``n * s * s <= max_cells`` cells, and at
+    most ``batch_size`` grids. Large grids then come in smaller batches, and so in more of them:
+    with a fixed count, the 4% of ARC-AGI-1 training grids with 500 cells or more get 4% of the
+    optimizer steps though they hold a fifth of the cells (and 40% of the evaluation split's).
+    A single grid larger than the budget is a batch of its own.
     """
 
     def __init__(
@@ -66,10 +73,16 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         drop_last: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
+        max_cells: int | None = None,
     ) -> None:
         shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)  # [N, 2] (height, width)
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size}")
+        if max_cells is not None and (max_cells < 1 or not bucket):
+            raise ValueError(
+                f"max_cells (a batch's cell budget) needs bucketed batches and a positive count; "
+                f"got max_cells={max_cells} with bucket={bucket}"
+            )
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in 0..num_replicas-1 = {num_replicas - 1}; got {rank}")
         if len(shapes) == 0:
@@ -82,6 +95,9 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
+        self.max_cells = max_cells
+        # a budget's batch sizes depend only on the sorted sides, not on the seeded tie-break
+        self._budget_sizes = self._cut_by_budget() if max_cells is not None else None
         self.epoch = 0
         self.batches_yielded = 0
         self._resume_from = 0  # where the next pass starts: set by load_state_dict, used once
@@ -106,7 +122,21 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch, self.batches_yielded = epoch, batches_yielded
         self._resume_from = batches_yielded
 
+    def _cut_by_budget(self) -> list[int]:
+        """The grid count of each batch, in size order, under ``max_cells`` and ``batch_size``."""
+        sides = np.sort(self.shapes.max(axis=1))
+        sizes, count = [], 0
+        for side in sides.tolist():  # ascending: the grid joining a batch is its largest
+            if count and (count >= self.batch_size or (count + 1) * side * side > self.max_cells):
+                sizes.append(count)
+                count = 0
+            count += 1
+        sizes.append(count)
+        return sizes
+
     def _num_global_batches(self) -> int:
+        if self._budget_sizes is not None:
+            return len(self._budget_sizes)
         count = len(self.shapes)
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
@@ -127,10 +157,13 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         else:
             order = rng.permutation(count) if self.shuffle else np.arange(count)
         num_batches = self._num_global_batches()
-        chunks = [
-            order[start : start + self.batch_size]
-            for start in range(0, num_batches * self.batch_size, self.batch_size)
-        ]
+        if self._budget_sizes is not None:
+            chunks = np.split(order, np.cumsum(self._budget_sizes)[:-1])
+        else:
+            chunks = [
+                order[start : start + self.batch_size]
+                for start in range(0, num_batches * self.batch_size, self.batch_size)
+            ]
         if self.shuffle:
             chunks = [chunks[i] for i in rng.permutation(len(chunks))]
         chunks += chunks[: len(self) * self.num_replicas - len(chunks)]  # equal share per rank

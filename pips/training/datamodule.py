@@ -53,6 +53,7 @@ class GridDataModule(L.LightningDataModule):
             augmenter=augmenter,
             bucket=config.bucket,
             num_workers=config.num_workers,
+            max_cells=config.batch_cells,
             **self._shard(),
         )
 
