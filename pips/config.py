@@ -167,6 +167,12 @@ class ModelConfig:
         "attends only to the tokens of the slot's own region",
         ("learned", "regions", "local"),
     )
+    region_offsets: bool = option(
+        False,
+        "regions/local slots: add to every encoder token and decoder query an embedding of its "
+        "row and column offset inside its region and of the region's height and width, so a "
+        "slot's code can say where in its region things are (regions stretch with the grid)",
+    )
     patch_size: int = option(2, "spatial: cells per code along each side", min=1, max=30)
     patch_tokens: bool = option(False, "spatial: embed p x p patches as encoder tokens")
     mlp: str = option("swiglu", "transformer MLP", ("swiglu", "gelu"))

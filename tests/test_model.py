@@ -151,6 +151,35 @@ def test_local_slots_pool_only_from_their_own_region(large_grids):
     assert (out[0, 1:] - out_changed[0, 1:]).abs().max() > 1e-3
 
 
+def test_region_offsets_tell_each_patch_where_it_sits_in_its_region():
+    """model.region_offsets: the place embedding of a patch is that of its row offset and its
+    region's height (in patches) plus the same along columns; zero-offset rows at padding."""
+    model = _model(
+        "model.layout=pooled",
+        "model.slots=regions",
+        "model.num_latents=4",
+        "model.region_offsets=true",
+    )
+    # a 3 x 4 board of patches holding a 3 x 3 grid of patches: 2 regions a side, so rows split
+    # [0] [1 2] and columns [0] [1 2] (region of a position: floor((2i + 1) R / 2n))
+    padding = torch.ones(1, 3, 4, dtype=torch.bool)
+    padding[0, :3, :3] = False
+    place = model._region_place(padding.view(1, -1), 3, 4).view(3, 4, -1)
+    table = model.place_embedding.weight.view(4, MAX_GRID_SIZE + 1, -1).detach()
+    offset, extent = [0, 0, 1, 0], [1, 2, 2, 0]
+    for i in range(3):
+        for j in range(4):
+            expected = table[0][offset[i]] + table[1][extent[i]]
+            expected = expected + table[2][offset[j]] + table[3][extent[j]]
+            torch.testing.assert_close(place[i, j], expected)
+    # the option only exists for region slots, and off it changes nothing
+    assert _model("model.layout=pooled", "model.region_offsets=true").place_embedding is None
+    assert (
+        _model("model.layout=pooled", "model.slots=regions", "model.num_latents=4").place_embedding
+        is None
+    )
+
+
 def test_region_slots_need_a_square_number_of_slots():
     from pips.config import ConfigError
 

@@ -129,6 +129,11 @@ class GridDVAE(nn.Module):
                 Block(**block_args, cross_attention=True) for _ in range(config.decoder_layers)
             )
             self.output_patch = self.token_patch
+        self.place_embedding = (
+            nn.Embedding(4 * (MAX_GRID_SIZE + 1), width)
+            if self.region_side and config.region_offsets
+            else None
+        )
         self.decoder_norm = nn.RMSNorm(width)
         self.cell_head = nn.Linear(width, self.output_patch**2 * vocab.size)
         self.shape_head = nn.Sequential(
@@ -160,6 +165,8 @@ class GridDVAE(nn.Module):
             tokens, batch.canvas_height, batch.canvas_width
         )
         rope = self.rope(positions.unsqueeze(0))
+        if self.place_embedding is not None:
+            h = h + self._region_place(padding, hp, wp)
         for block in self.encoder:
             h = block(h, rope, padding)
         h = self.encoder_norm(h)  # [B, P, D]
@@ -229,6 +236,20 @@ class GridDVAE(nn.Module):
         spread = torch.einsum("bir,bjc,brcd->bijd", row_of, col_of, board)
         return spread.reshape(codes.shape[0], hp * wp, -1)
 
+    def _region_place(self, padding: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+        """[B, hp * wp, D]: embeddings of each patch's row and column offset inside its region
+        and of its region's height and width (in patches; zero rows at padding)."""
+        rows, cols = self._region_sizes(padding, hp, wp)
+        table = self.place_embedding.weight.view(4, MAX_GRID_SIZE + 1, -1)
+        along = []
+        for axis, (lengths, size) in enumerate(((rows, hp), (cols, wp))):
+            member = region_of(lengths, size, self.region_side)  # [B, size, S] one-hot
+            offset = ((member.cumsum(1) * member).sum(-1) - 1).clamp_min(0).long()  # [B, size]
+            extent = (member * member.sum(1, keepdim=True)).sum(-1).long()  # [B, size]
+            along.append(table[2 * axis][offset] + table[2 * axis + 1][extent])  # [B, size, D]
+        place = along[0].unsqueeze(2) + along[1].unsqueeze(1)  # [B, hp, wp, D]
+        return place.reshape(padding.shape[0], hp * wp, -1)
+
     # ----------------------------------------------------------------------------------------
     def predict_shape(self, codes: torch.Tensor, latent_padding: torch.Tensor):
         """Height and width logits [B, 30] each, from the projected codes alone."""
@@ -273,6 +294,8 @@ class GridDVAE(nn.Module):
             h = queries
             if self.region_side:
                 h = h + self._region_codes(codes, padding, hp, wp)
+            if self.place_embedding is not None:
+                h = h + self._region_place(padding, hp, wp)
             for block in self.decoder:
                 h = block(h, rope, padding, context=context)
         h = self.decoder_norm(h)
