@@ -127,6 +127,13 @@ class QuantizerConfig:
     )
     per_slot_head: bool = option(False, "gumbel: one logit head per latent slot (pooled layout)")
     sampling: bool = option(True, "gumbel: sample with Gumbel noise (False: tempered softmax)")
+    factors: int = option(
+        1,
+        "gumbel: a product codebook of codebook_size = k ** factors codes: each code is "
+        "factors independent k-way digits (one softmax each) and its vector their vectors' "
+        "sum; costs factors * k head rows instead of codebook_size",
+        min=1,
+    )
     num_stages: int = option(4, "rvq: residual stages", min=1)
     groups: int = option(4, "gvq: feature groups", min=1)
     ema_decay: float | None = option(

@@ -168,3 +168,47 @@ def test_gumbel_rejects_unknown_estimator():
         ValueError, match="estimator must be one of soft, hard, reinmax; got 'gumbel'"
     ):
         GumbelQuantizer(8, 16, estimator="gumbel")
+
+
+# --- product codebooks (factors > 1) -----------------------------------------------------------
+
+
+def test_a_product_codebook_is_the_outer_sum_of_its_factors():
+    """factors=2, K = 7 ** 2: the eval code is the argmax of the full K-way logits l1[a] + l2[b]
+    (the product of the factors' softmaxes), written a * 7 + b, and its vector e1[a] + e2[b]."""
+    torch.manual_seed(0)
+    quantizer = GumbelQuantizer(8, 49, factors=2).eval()
+    z = torch.randn(6, 3, 8)
+    out = quantizer(z)
+    assert out.logits.shape == (6, 3, 2, 7) and out.indices.shape == (6, 3)
+    first, second = out.logits.unbind(-2)  # [6, 3, 7] each
+    full = (first.unsqueeze(-1) + second.unsqueeze(-2)).flatten(-2)  # [6, 3, 49]
+    torch.testing.assert_close(out.indices, full.argmax(-1))
+    a, b = out.indices // 7, out.indices % 7
+    expected = quantizer.codebook[a] + quantizer.codebook[7 + b]
+    torch.testing.assert_close(out.quantized, expected)
+    torch.testing.assert_close(quantizer.codes_to_quantized(out.indices), expected)
+    # the posterior of a code is the product of its digits' probabilities
+    probs = out.logits.softmax(-1)
+    torch.testing.assert_close(
+        full.softmax(-1), (probs[..., 0, :, None] * probs[..., 1, None, :]).flatten(-2)
+    )
+
+
+@pytest.mark.parametrize("estimator", ["soft", "hard", "reinmax"])
+def test_a_product_codebook_trains_every_factor_with_each_estimator(estimator):
+    torch.manual_seed(0)
+    quantizer = GumbelQuantizer(8, 64, estimator=estimator, factors=3)  # 4 x 4 x 4
+    z = torch.randn(5, 4, 8, requires_grad=True)
+    out = quantizer(z, temperature=0.7, noise_scale=1.0)
+    assert out.indices.shape == (5, 4) and int(out.indices.max()) < 64
+    if estimator != "soft":  # a straight-through forward value is the code's own vector
+        torch.testing.assert_close(out.quantized, quantizer.codes_to_quantized(out.indices))
+    out.quantized.pow(2).sum().backward()
+    assert quantizer.head_weight.grad.view(8, 3, 4).abs().sum((0, 2)).min() > 0
+    assert quantizer.codebook.grad.view(3, 4, 8).abs().sum((1, 2)).min() > 0
+
+
+def test_a_product_codebook_size_must_be_a_whole_power():
+    with pytest.raises(ValueError, match="factors=2 needs codebook_size = k \\*\\* 2; got 50"):
+        GumbelQuantizer(8, 50, factors=2)

@@ -79,6 +79,28 @@ def test_every_term_at_once_with_clamping_and_marginal_ema_sums_to_the_total():
     assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
 
 
+def test_a_product_codebook_feeds_its_factors_to_every_term_as_latents():
+    """model.quantizer.factors=2 (16 codes = 4 x 4): every term runs; the analytic KL to the
+    uniform prior over all 16 codes equals the sum over the factors (the posterior is their
+    product), and the batch-diversity term is the factors' per-slot marginal entropies."""
+    overrides = [f"loss.{name}={0.1 * (i + 1):.1f}" for i, name in enumerate(LOGIT_TERMS)]
+    module = _module(*overrides, "loss.marginal_ema=0.9", "model.quantizer.factors=2")
+    total, logs = module.train_losses(_batch(), step=3, with_logs=True)
+    _assert_total_is_the_weighted_sum(module, logs, step=3)
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+    module.eval()
+    output = module(_batch())
+    logits = output.encoded.quantizer.logits  # [6, 4, 2, 4]
+    full = (logits[..., 0, :, None] + logits[..., 1, None, :]).flatten(-2)  # [6, 4, 16]
+    terms, _ = module.latent_terms(output, {"kl": 1.0, "batch_diversity": 1.0}, 1.0)
+    torch.testing.assert_close(terms["kl"], kl_to_uniform(full))
+    marginals = logits.softmax(-1).mean(0)  # [4, 2, 4] per slot and factor
+    entropy = -(marginals * marginals.log()).sum(-1).mean()
+    torch.testing.assert_close(terms["batch_diversity"], -entropy)
+
+
 def test_default_config_logs_no_latent_terms_and_no_mask_fraction():
     module = _module()
     assert module.term_weights == {}

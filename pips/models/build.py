@@ -18,6 +18,7 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
         head=q.head,
         num_slots=num_slots if q.per_slot_head else None,
         sampling=q.sampling,
+        factors=q.factors,
     ),
     "fsq": lambda q, dim, num_slots: dict(levels=q.levels, dim=dim),
     "vq": lambda q, dim, num_slots: dict(

@@ -4,6 +4,12 @@ Logits come from a linear head (or scaled cosine similarities to learned keys); 
 (relaxed, straight-through, or ReinMax, see :mod:`pips.quantizers.estimators`) selects a row of a
 learned code embedding table. Jang et al. 2017 "Categorical Reparameterization with Gumbel-Softmax";
 Liu et al. 2023 "Bridging Discrete and Backpropagation: Straight-Through and Beyond" (ReinMax).
+
+A large codebook can be a product of ``factors`` smaller ones (as FSQ's and LFQ's are): a code is
+one index ``z < K = k ** F``, written in base ``k`` as ``F`` digits drawn independently, each from
+its own ``k``-way softmax, and its vector is the sum of its digits' vectors. The posterior then
+factorises over the digits (a mean-field family), and the head and codebook cost ``F * k`` rows
+instead of ``K``: 65,536 codes from two 256-way factors.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class GumbelQuantizer(Quantizer):
         num_slots: if set, one head per latent slot; ``forward`` then expects ``z: [..., num_slots, dim]``.
         sampling: ``False`` turns off the Gumbel noise (a plain tempered softmax / argmax).
         cosine_scale: initial logit scale of the cosine head.
+        factors: ``F``; ``codebook_size`` must then be a whole ``F``-th power ``k ** F``. Logits
+            are ``[..., F, k]`` (one softmax per factor) and indices the combined codes ``[...]``.
 
     ``forward(z, temperature=1.0, hardness=0.0, noise_scale=1.0)``: ``temperature`` is the softmax
     temperature of the gradient path; ``hardness`` in ``[0, 1]`` (``"soft"`` only) sets the forward
@@ -49,6 +57,7 @@ class GumbelQuantizer(Quantizer):
         num_slots: int | None = None,
         sampling: bool = True,
         cosine_scale: float = 10.0,
+        factors: int = 1,
     ) -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
@@ -61,6 +70,15 @@ class GumbelQuantizer(Quantizer):
             )
         if codebook_size < 2:
             raise ValueError(f"GumbelQuantizer codebook_size must be >= 2; got {codebook_size}")
+        factor_size = round(codebook_size ** (1 / max(factors, 1)))
+        if factors < 1 or factor_size**factors != codebook_size:
+            raise ValueError(
+                f"GumbelQuantizer with factors={factors} needs codebook_size = k ** {factors}; got "
+                f"{codebook_size}: use e.g. codebook_size={max(factor_size, 2) ** max(factors, 1)} "
+                f"or factors=1"
+            )
+        self.factors = factors
+        self.factor_size = factor_size
         self.dim = dim
         self.codebook_size = codebook_size
         self.estimator = estimator
@@ -69,34 +87,50 @@ class GumbelQuantizer(Quantizer):
         self.sampling = sampling
 
         slots = () if num_slots is None else (num_slots,)
+        rows = factors * factor_size  # K, or F * k for a product codebook
         if head == "linear":
             bound = 1 / math.sqrt(dim)  # nn.Linear's default initialisation
-            self.head_weight = nn.Parameter(
-                torch.empty(*slots, dim, codebook_size).uniform_(-bound, bound)
-            )
-            self.head_bias = nn.Parameter(
-                torch.empty(*slots, codebook_size).uniform_(-bound, bound)
-            )
+            self.head_weight = nn.Parameter(torch.empty(*slots, dim, rows).uniform_(-bound, bound))
+            self.head_bias = nn.Parameter(torch.empty(*slots, rows).uniform_(-bound, bound))
         else:
-            self.keys = nn.Parameter(torch.randn(*slots, codebook_size, dim))
+            self.keys = nn.Parameter(torch.randn(*slots, rows, dim))
             self.log_scale = nn.Parameter(torch.tensor(math.log(cosine_scale)))
-        self.codebook = nn.Parameter(torch.randn(codebook_size, dim))  # code embeddings [K, dim]
+        # code embeddings [K, dim], or the factors' digit embeddings [F * k, dim] (their sum is
+        # a code's vector, scaled so it starts as large as one row)
+        self.codebook = nn.Parameter(torch.randn(rows, dim) / math.sqrt(factors))
+        self.register_buffer(
+            "digit_weights", factor_size ** torch.arange(factors - 1, -1, -1), persistent=False
+        )
 
     def compute_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """``z: [..., dim]`` (or ``[..., N, dim]`` with slots) -> logits ``[..., K]`` (``[..., N, K]``)."""
+        """``z: [..., dim]`` (or ``[..., N, dim]`` with slots) -> logits ``[..., K]`` (``[..., N, K]``);
+        with factors ``[..., F, k]``."""
         if self.head == "linear":
             if self.num_slots is None:
-                return F.linear(z, self.head_weight.t(), self.head_bias)  # [..., K]
-            return (
-                torch.einsum("...nd,ndk->...nk", z, self.head_weight) + self.head_bias
-            )  # [..., N, K]
-        z_unit = F.normalize(z.float(), dim=-1)
-        keys_unit = F.normalize(self.keys.float(), dim=-1)
-        if self.num_slots is None:
-            cosine = z_unit @ keys_unit.t()  # [..., K]
+                logits = F.linear(z, self.head_weight.t(), self.head_bias)  # [..., K]
+            else:
+                logits = torch.einsum("...nd,ndk->...nk", z, self.head_weight) + self.head_bias
         else:
-            cosine = torch.einsum("...nd,nkd->...nk", z_unit, keys_unit)  # [..., N, K]
-        return self.log_scale.exp() * cosine
+            z_unit = F.normalize(z.float(), dim=-1)
+            keys_unit = F.normalize(self.keys.float(), dim=-1)
+            if self.num_slots is None:
+                cosine = z_unit @ keys_unit.t()  # [..., K]
+            else:
+                cosine = torch.einsum("...nd,nkd->...nk", z_unit, keys_unit)  # [..., N, K]
+            logits = self.log_scale.exp() * cosine
+        if self.factors > 1:
+            logits = logits.unflatten(-1, (self.factors, self.factor_size))  # [..., F, k]
+        return logits
+
+    def _combine(self, digits: torch.Tensor) -> torch.Tensor:
+        """Factor digits ``[..., F]`` -> codes ``[...]`` (base ``k``, first factor most significant)."""
+        return (digits * self.digit_weights).sum(-1)
+
+    def _digit_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes ``[...]`` -> the codebook rows of their digits ``[..., F]``."""
+        digits = torch.div(indices.unsqueeze(-1), self.digit_weights, rounding_mode="floor")
+        digits = digits % self.factor_size
+        return digits + torch.arange(self.factors, device=indices.device) * self.factor_size
 
     def forward(
         self,
@@ -118,22 +152,33 @@ class GumbelQuantizer(Quantizer):
             if self.estimator == "soft" and hardness > 0:
                 # Forward value (1 - h) * soft + h * one_hot; gradient of the soft sample.
                 sample = sample + hardness * (_one_hot_argmax(sample.detach()) - sample).detach()
-            indices = sample.detach().argmax(dim=-1)  # [...]
+            indices = sample.detach().argmax(dim=-1)  # [...] (factors: [..., F] digits)
+            if self.factors > 1:
+                sample = sample.flatten(-2)  # [..., F * k]: one one-hot block per factor
             quantized = sample.to(self.codebook.dtype) @ self.codebook  # [..., dim]
+            if self.factors > 1:
+                indices = self._combine(indices)
         else:
             indices = logits.argmax(dim=-1)  # [...]
-            quantized = F.embedding(indices, self.codebook)  # [..., dim]
+            if self.factors > 1:
+                indices = self._combine(indices)
+            quantized = self.codes_to_quantized(indices)  # [..., dim]
 
         stats = usage_stats(indices, self.codebook_size)
         with torch.no_grad():
-            mean_probs = logits.softmax(dim=-1).reshape(-1, self.codebook_size).mean(dim=0)  # [K]
+            # perplexity of the batch-mean softmax (factors: the product of theirs)
+            rows = self.factor_size if self.factors > 1 else self.codebook_size
+            probs = logits.softmax(dim=-1).reshape(-1, self.factors, rows)
+            mean_probs = probs.mean(dim=0)  # [F, k]
             entropy = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
-            stats["probs_perplexity"] = entropy.exp()  # perplexity of the batch-mean softmax
+            stats["probs_perplexity"] = entropy.exp()
         loss = logits.new_zeros(())
         return QuantizerOutput(quantized, indices, loss, logits, stats)
 
     def codes_to_quantized(self, indices: torch.Tensor) -> torch.Tensor:
-        return F.embedding(indices, self.codebook)  # [..., dim]
+        if self.factors == 1:
+            return F.embedding(indices, self.codebook)  # [..., dim]
+        return F.embedding(self._digit_rows(indices), self.codebook).sum(-2)  # [..., dim]
 
     def _check_shape(self, z: torch.Tensor) -> None:
         if z.shape[-1] != self.dim:

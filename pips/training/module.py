@@ -97,10 +97,13 @@ class CodeModule(L.LightningModule):
         self.mask_ratio = config.data.mask_ratio.resolve(max_steps)
         self.dataset_size = loss.dataset_size or dataset_size
         # stateful terms are submodules, so their running averages live in the checkpoint
-        codebook_size = config.model.quantizer.codebook_size
+        # the latent terms see a product codebook's factors as latents of k codes each
+        quantizer = config.model.quantizer
+        factors = quantizer.factors if quantizer.kind == "gumbel" else 1
+        codebook_size = round(quantizer.codebook_size ** (1 / factors))
         decomposition = any(name in self.term_weights for name in DECOMPOSITION_TERMS)
         self.slot_marginals = (
-            SlotMarginalEMA(config.model.num_latents, codebook_size, loss.marginal_ema)
+            SlotMarginalEMA(config.model.num_latents * factors, codebook_size, loss.marginal_ema)
             if decomposition and loss.marginal_ema is not None
             else None
         )
@@ -178,15 +181,20 @@ class CodeModule(L.LightningModule):
         if not active:
             return {}, {}
         loss = self.config.loss
-        logits = output.encoded.quantizer.logits  # [B, N, K]
+        # [B, N, K]; a product codebook's [B, N, F, k]: its factors are independent given x, so
+        # every term treats them as F latents of k codes (the KL to uniform adds up exactly)
+        logits = output.encoded.quantizer.logits
+        factored = logits.dim() == 4
         terms: dict[str, torch.Tensor] = {}
         clamped: dict[str, torch.Tensor] = {}
         if self.spatial_codes:
             # the real latents of the whole batch, one per row: every slot-wise term pools them
-            latents = logits[~output.encoded.latent_padding].unsqueeze(1)  # [M, 1, K]
+            latents = logits[~output.encoded.latent_padding]  # [M, K] or [M, F, k]
+            latents = latents if factored else latents.unsqueeze(1)  # [M, 1 or F, k]
             latents_per_grid = latents.shape[0] / logits.shape[0]
         else:
-            latents, latents_per_grid = logits, None
+            latents = logits.flatten(1, 2) if factored else logits  # [B, N (x F), k]
+            latents_per_grid = None
 
         if "kl" in active:
             kl = (
@@ -198,12 +206,12 @@ class CodeModule(L.LightningModule):
                 kl = kl * latents_per_grid  # mean per latent -> sum per grid
             terms["kl"] = kl
         if active & set(DECOMPOSITION_TERMS):  # pooled only (check_config)
-            marginals = None if self.slot_marginals is None else self.slot_marginals(logits)
+            marginals = None if self.slot_marginals is None else self.slot_marginals(latents)
             dataset_size = (
-                None if self.dataset_size is None else max(self.dataset_size, len(logits))
+                None if self.dataset_size is None else max(self.dataset_size, len(latents))
             )
             parts = decompose_kl(
-                logits,
+                latents,
                 dataset_size,
                 estimator=loss.decomposition_estimator,
                 clamp=loss.clamp_terms,
@@ -214,11 +222,11 @@ class CodeModule(L.LightningModule):
                 if loss.clamp_terms:
                     clamped[name] = parts.clamped[field]
             if "kl" not in terms:  # logged beside its parts; added only when loss.kl is on
-                terms["kl"] = parts.kl / logits.shape[1] if loss.kl_per_latent else parts.kl
+                terms["kl"] = parts.kl / latents.shape[1] if loss.kl_per_latent else parts.kl
         if "posterior_entropy" in active:
             terms["posterior_entropy"] = posterior_entropy(latents)
         if "slot_diversity" in active:  # pooled only (check_config)
-            terms["slot_diversity"] = -slot_average_entropy(logits)
+            terms["slot_diversity"] = -slot_average_entropy(latents)
         if "batch_diversity" in active:
             terms["batch_diversity"] = -batch_average_entropy(latents)
         if "code_usage_kl" in active:
