@@ -164,7 +164,8 @@ def test_region_offsets_tell_each_patch_where_it_sits_in_its_region():
     # [0] [1 2] and columns [0] [1 2] (region of a position: floor((2i + 1) R / 2n))
     padding = torch.ones(1, 3, 4, dtype=torch.bool)
     padding[0, :3, :3] = False
-    place = model._region_place(padding.view(1, -1), 3, 4).view(3, 4, -1)
+    place = model._region_place(model._region_members(padding.view(1, -1), 3, 4))
+    place = place.view(3, 4, -1)
     table = model.place_embedding.weight.view(4, MAX_GRID_SIZE + 1, -1).detach()
     offset, extent = [0, 0, 1, 0], [1, 2, 2, 0]
     for i in range(3):

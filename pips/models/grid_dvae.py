@@ -166,7 +166,7 @@ class GridDVAE(nn.Module):
         )
         rope = self.rope(positions.unsqueeze(0))
         if self.place_embedding is not None:
-            h = h + self._region_place(padding, hp, wp)
+            h = h + self._region_place(self._region_members(padding, hp, wp))
         for block in self.encoder:
             h = block(h, rope, padding)
         h = self.encoder_norm(h)  # [B, P, D]
@@ -226,29 +226,30 @@ class GridDVAE(nn.Module):
         inside = inside.reshape(h.shape[0], side * side, hp * wp)  # [B, N, hp * wp]
         return means.reshape(h.shape[0], side * side, -1), inside
 
-    def _region_codes(self, codes: torch.Tensor, padding: torch.Tensor, hp: int, wp: int):
-        """[B, hp * wp, D]: each patch's own region code (zero outside the grid)."""
+    def _region_members(self, padding: torch.Tensor, hp: int, wp: int):
+        """One-hot region of each patch row [B, hp, S] and column [B, wp, S] (zero at padding)."""
         rows, cols = self._region_sizes(padding, hp, wp)
+        return region_of(rows, hp, self.region_side), region_of(cols, wp, self.region_side)
+
+    def _region_codes(self, codes: torch.Tensor, members) -> torch.Tensor:
+        """[B, hp * wp, D]: each patch's own region code (zero outside the grid)."""
+        row_of, col_of = (member.to(codes.dtype) for member in members)  # [B, hp|wp, S]
         side = self.region_side
-        row_of = region_of(rows, hp, side).to(codes.dtype)  # [B, hp, S]
-        col_of = region_of(cols, wp, side).to(codes.dtype)  # [B, wp, S]
         board = codes.view(codes.shape[0], side, side, -1)
         spread = torch.einsum("bir,bjc,brcd->bijd", row_of, col_of, board)
-        return spread.reshape(codes.shape[0], hp * wp, -1)
+        return spread.reshape(codes.shape[0], -1, codes.shape[-1])
 
-    def _region_place(self, padding: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+    def _region_place(self, members) -> torch.Tensor:
         """[B, hp * wp, D]: embeddings of each patch's row and column offset inside its region
         and of its region's height and width (in patches; zero rows at padding)."""
-        rows, cols = self._region_sizes(padding, hp, wp)
         table = self.place_embedding.weight.view(4, MAX_GRID_SIZE + 1, -1)
         along = []
-        for axis, (lengths, size) in enumerate(((rows, hp), (cols, wp))):
-            member = region_of(lengths, size, self.region_side)  # [B, size, S] one-hot
+        for axis, member in enumerate(members):  # [B, size, S] one-hot
             offset = ((member.cumsum(1) * member).sum(-1) - 1).clamp_min(0).long()  # [B, size]
             extent = (member * member.sum(1, keepdim=True)).sum(-1).long()  # [B, size]
             along.append(table[2 * axis][offset] + table[2 * axis + 1][extent])  # [B, size, D]
         place = along[0].unsqueeze(2) + along[1].unsqueeze(1)  # [B, hp, wp, D]
-        return place.reshape(padding.shape[0], hp * wp, -1)
+        return place.flatten(1, 2)
 
     # ----------------------------------------------------------------------------------------
     def predict_shape(self, codes: torch.Tensor, latent_padding: torch.Tensor):
@@ -293,9 +294,10 @@ class GridDVAE(nn.Module):
             rope = self.rope(positions.unsqueeze(0))
             h = queries
             if self.region_side:
-                h = h + self._region_codes(codes, padding, hp, wp)
-            if self.place_embedding is not None:
-                h = h + self._region_place(padding, hp, wp)
+                members = self._region_members(padding, hp, wp)
+                h = h + self._region_codes(codes, members)
+                if self.place_embedding is not None:
+                    h = h + self._region_place(members)
             for block in self.decoder:
                 h = block(h, rope, padding, context=context)
         h = self.decoder_norm(h)

@@ -167,8 +167,7 @@ class GumbelQuantizer(Quantizer):
         stats = usage_stats(indices, self.codebook_size)
         with torch.no_grad():
             # perplexity of the batch-mean softmax (factors: the product of theirs)
-            rows = self.factor_size if self.factors > 1 else self.codebook_size
-            probs = logits.softmax(dim=-1).reshape(-1, self.factors, rows)
+            probs = logits.softmax(dim=-1).reshape(-1, self.factors, self.factor_size)
             mean_probs = probs.mean(dim=0)  # [F, k]
             entropy = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
             stats["probs_perplexity"] = entropy.exp()

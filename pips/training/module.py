@@ -96,11 +96,10 @@ class CodeModule(L.LightningModule):
         }
         self.mask_ratio = config.data.mask_ratio.resolve(max_steps)
         self.dataset_size = loss.dataset_size or dataset_size
-        # stateful terms are submodules, so their running averages live in the checkpoint
-        # the latent terms see a product codebook's factors as latents of k codes each
-        quantizer = config.model.quantizer
-        factors = quantizer.factors if quantizer.kind == "gumbel" else 1
-        codebook_size = round(quantizer.codebook_size ** (1 / factors))
+        # stateful terms are submodules, so their running averages live in the checkpoint; they
+        # see a product codebook's factors as latents of k codes each
+        factors = getattr(self.model.quantizer, "factors", 1)
+        codebook_size = getattr(self.model.quantizer, "factor_size", quantizer.codebook_size)
         decomposition = any(name in self.term_weights for name in DECOMPOSITION_TERMS)
         self.slot_marginals = (
             SlotMarginalEMA(config.model.num_latents * factors, codebook_size, loss.marginal_ema)
