@@ -81,7 +81,7 @@ def train(
 
     Fine-tune: pips train --from runs/quick model.quantizer.temperature=0.5 name=quick-cold
     """
-    from pips.evaluation.checkpoints import CheckpointError
+    from pips.training.checkpoints import CheckpointError
     from pips.training.callbacks import NonFiniteLoss
     from pips.training.run import RunError
     from pips.training.run import train as run_train
@@ -122,11 +122,11 @@ def resume(
 
 def _checkpoint_errors():
     """The errors of the evaluation verbs that are a user's to fix (exit 2, one sentence)."""
-    from pips.evaluation.checkpoints import CheckpointError
     from pips.evaluation.codes import CodesError
-    from pips.evaluation.commands import DataSpecError
+    from pips.tasks import TaskError
+    from pips.training.checkpoints import CheckpointError
 
-    return (CheckpointError, CodesError, DataSpecError, ConfigError)
+    return (CheckpointError, CodesError, TaskError, ConfigError)
 
 
 RUN_OR_CHECKPOINT = typer.Argument(..., help="a run folder (its best checkpoint) or a .ckpt file")
@@ -146,7 +146,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     last: bool = LAST_OPTION,
 ) -> None:
-    """Reconstruction and codebook metrics of a trained model on a split or folder of ARC grids.
+    """Reconstruction and codebook metrics of a trained model: on its validation split, or (ARC
+    grid runs) on a split or folder of ARC grids.
 
     Example: pips evaluate runs/quick --data arc1:evaluation
     """
@@ -179,7 +180,8 @@ def encode(
     data: str = DATA_OPTION,
     last: bool = LAST_OPTION,
 ) -> None:
-    """Every grid's code indices (with its task, pair and role) into a .npz file.
+    """Every item's code indices into a .npz file (ARC grids: with each grid's task, pair and
+    role; other tasks: the validation items, with their index).
 
     Example: pips encode runs/quick --data arc1:evaluation --out codes.npz
     """
@@ -189,17 +191,22 @@ def encode(
         result = encode_to_file(run, data, out, "last" if last else "best")
     except _checkpoint_errors() as error:
         _fail(str(error))
-    typer.echo(f"encoded {result['grids']} grids ({result['data']}) into {result['out']}")
+    typer.echo(
+        f"encoded {result['items']} {result['unit']} ({result['data']}) into {result['out']}"
+    )
 
 
 @app.command()
 def decode(
     run: Path = RUN_OR_CHECKPOINT,
     codes: Path = typer.Argument(..., help="a codes file written by pips encode"),
-    out: Path = typer.Option(..., "--out", help="the ARC task JSON file to write"),
+    out: Path = typer.Option(
+        ..., "--out", help="the file to write: ARC task JSON for grid runs, else an .npz"
+    ),
     last: bool = LAST_OPTION,
 ) -> None:
-    """Codes back to grids, written as ARC task JSON (the tasks and pairs the codes came from).
+    """Codes back to items: ARC task JSON for grid runs (the tasks and pairs the codes came
+    from), an .npz of items (and a PNG sheet of images) for other tasks.
 
     Example: pips decode runs/quick codes.npz --out grids.json
     """
@@ -209,7 +216,7 @@ def decode(
         result = decode_to_file(run, codes, out, "last" if last else "best")
     except _checkpoint_errors() as error:
         _fail(str(error))
-    typer.echo(f"decoded {result['grids']} grids of {result['tasks']} tasks into {result['out']}")
+    typer.echo(f"decoded {result['written']}")
 
 
 @app.command()
@@ -245,7 +252,7 @@ def probe(
     Example: pips probe runs/gssm --target phase --hidden 64
     """
     from pips.evaluation.commands import probe_run
-    from pips.evaluation.probe import ProbeError
+    from pips.tasks.probe import ProbeError
 
     try:
         result = probe_run(run, target, features, hidden, data, grids, layer=layer)
@@ -282,7 +289,6 @@ def probe(
 def report(
     run_dir: Path = typer.Argument(..., help="a run folder written by pips train"),
     out: Path = typer.Option(None, "--out", help="where to write it (default RUN_DIR/report.html)"),
-    grids: int = typer.Option(512, "--grids", min=1, help="validation grids to score and plot"),
 ) -> None:
     """One self-contained HTML page about a run: summary, curves, code usage, the best and the
     worst reconstructions, and the config.
@@ -292,7 +298,7 @@ def report(
     from pips.evaluation.report import write_report
 
     try:
-        path = write_report(run_dir, out, grids)
+        path = write_report(run_dir, out)
     except _checkpoint_errors() as error:
         _fail(str(error))
     typer.echo(f"report: {path}")
@@ -397,21 +403,13 @@ def compare(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    if all(row["task"] == "grids" for row in rows):
-        _print_table(rows, COMPARE_COLUMNS)
-        return
-    _print_table(  # images or sequences: each run's own headline metric
-        rows,
-        [
-            ("name", "run"),
-            ("task", "task"),
-            ("quantizer", "quantizer"),
-            ("result", "final"),
-            ("codebook_perplexity", "perplexity"),
-            ("steps", "steps"),
-            ("wall_seconds", "wall"),
-        ],
-    )
+    # each run's own headline metric, and the columns every run has a value for
+    shown = [("name", "run"), ("task", "task"), ("result", "final")] + [
+        column
+        for column in COMPARE_COLUMNS[1:]
+        if all(row.get(column[0]) is not None for row in rows)
+    ]
+    _print_table(rows, shown)
 
 
 @app.command()

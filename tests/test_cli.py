@@ -44,7 +44,7 @@ def no_data_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("data was loaded before the config was checked")
 
-    monkeypatch.setattr("pips.training.datamodule.load_grids", refuse)
+    monkeypatch.setattr("pips.tasks.grids.load_grids", refuse)
 
 
 # ----------------------------------------------------------------------------- train
@@ -119,7 +119,7 @@ def test_training_the_same_name_twice_exits_2_with_a_sentence(copy_run, cli, no_
         ("model.quantizer.kindd=vq", ["model.quantizer.kindd", "model.quantizer.kind"]),
         ("trainer.max_steps=many", ["trainer.max_steps", "integer"]),
         ("model.quantizer.kind=vqq", ["model.quantizer.kind", "fsq"]),
-        ("data.val_fraction=3", ["data.val_fraction", "<= 1"]),
+        ("grids.val_fraction=3", ["grids.val_fraction", "<= 1"]),
     ],
 )
 def test_config_error_exits_2_naming_the_key_before_any_work(
@@ -222,8 +222,8 @@ def test_resumed_run_continues_exactly_as_an_uninterrupted_one(task_folder, tmp_
     common = [
         TINY_CONFIG,
         f"run_root={tmp_path}",
-        f"data.source={task_folder}",
-        "data.val_fraction=0.2",
+        f"grids.source={task_folder}",
+        "grids.val_fraction=0.2",
         "data.max_samples=48",
         "data.batch_size=8",
         "optim.lr=0.001",

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from pips.data import collate_grids, load_grids
-from pips.evaluation.checkpoints import CheckpointError, load_model
+from pips.training.checkpoints import CheckpointError, load_model
 from pips.evaluation.codes import load_codes
-from pips.evaluation.evaluate import reconstruct
 
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -53,8 +52,8 @@ def test_product_codes_of_local_slots_with_region_offsets_round_trip(task_folder
         TINY_CONFIG,
         f"run_root={tmp_path}",
         "name=pq",
-        f"data.source={task_folder}",
-        "data.val_fraction=0.2",
+        f"grids.source={task_folder}",
+        "grids.val_fraction=0.2",
         "model.layout=pooled",
         "model.slots=local",
         "model.region_offsets=true",
@@ -91,8 +90,7 @@ def _assert_encode_decode_round_trip(run_dir, task_folder, tmp_path, cli) -> lis
     for record in records[:: max(len(records) // 12, 1)]:
         grid = np.array(decoded[record.task_id][record.subset][record.pair_index][record.role])
         with torch.no_grad():
-            pad_weight = loaded.config.loss.pad_weight
-            expected = reconstruct(loaded.model, collate_grids([record.grid]), pad_weight)[0]
+            expected = loaded.model.reconstruct(collate_grids([record.grid]))[0]
         assert grid.shape == expected.shape and (grid == expected).all(), record.task_id
     # every task, pair and role comes back in its place
     assert set(decoded) == {r.task_id for r in records}

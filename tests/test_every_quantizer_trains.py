@@ -20,8 +20,8 @@ def test_every_quantizer_trains_with_pips_train(kind, layout, task_folder, tmp_p
         TINY_CONFIG,
         f"run_root={tmp_path}",
         f"name={kind}-{layout}",
-        f"data.source={task_folder}",
-        "data.val_fraction=0.2",
+        f"grids.source={task_folder}",
+        "grids.val_fraction=0.2",
         f"model.layout={layout}",
         "model.num_latents=4",
         f"model.quantizer.kind={kind}",
@@ -50,8 +50,8 @@ def test_a_run_with_latent_terms_plots_their_trajectories(task_folder, tmp_path,
         TINY_CONFIG,
         f"run_root={tmp_path}",
         "name=terms",
-        f"data.source={task_folder}",
-        "data.val_fraction=0.2",
+        f"grids.source={task_folder}",
+        "grids.val_fraction=0.2",
         "model.layout=pooled",
         "model.slots=regions",
         "model.num_latents=4",
@@ -68,7 +68,7 @@ def test_a_run_with_latent_terms_plots_their_trajectories(task_folder, tmp_path,
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     run_dir = tmp_path / "terms"
-    from pips.evaluation.plots import read_metrics
+    from pips.plots import read_metrics
 
     series = read_metrics(run_dir / "metrics.csv")
     for key in ("loss/tc", "loss/mi", "loss/dwkl", "loss/batch_diversity", "weight/tc"):

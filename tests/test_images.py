@@ -298,8 +298,8 @@ def test_conv_encoder_and_decoder_shapes():
     "overrides, codes",
     [
         (["images.backbone=conv", "images.downsample=2"], (2, 2)),
-        (["images.backbone=vit", "images.patch_size=4", "images.dct=true"], (2, 2)),
-        (["images.backbone=vit", "images.patch_size=2"], (4, 4)),
+        (["images.backbone=vit", "model.patch_size=4", "images.dct=true"], (2, 2)),
+        (["images.backbone=vit", "model.patch_size=2"], (4, 4)),
     ],
 )
 def test_autoencoder_outputs_and_decode_codes(overrides, codes):
@@ -326,7 +326,7 @@ def test_autoencoder_outputs_and_decode_codes(overrides, codes):
 
 
 def test_vit_patches_round_trip_through_the_dct():
-    model, _ = _model("images.backbone=vit", "images.patch_size=4", "images.dct=true", channels=3)
+    model, _ = _model("images.backbone=vit", "model.patch_size=4", "images.dct=true", channels=3)
     images = torch.rand(2, 3, 8, 8)
     patches = model.patchify(images)
     assert patches.shape == (2, 4, 3 * 16)
@@ -356,8 +356,8 @@ def test_logit_laplace_params_and_residual_codes():
 def test_sizes_that_do_not_fit_are_named():
     with pytest.raises(ConfigError, match="images.downsample=2 times; use a size divisible by 4"):
         _model("images.backbone=conv", "images.downsample=2", size=10)
-    with pytest.raises(ConfigError, match="images.patch_size=3"):
-        _model("images.backbone=vit", "images.patch_size=3", size=8)
+    with pytest.raises(ConfigError, match="model.patch_size=3"):
+        _model("images.backbone=vit", "model.patch_size=3", size=8)
     model, _ = _model("images.backbone=conv")
     with pytest.raises(ValueError, match=r"takes images \[B, 1, 8, 8\]"):
         model(torch.rand(2, 3, 8, 8))

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pips.data import VOCAB, collate_grids
-from pips.evaluation.metrics import ReconstructionMetrics, perplexity
+from pips.metrics import CodeUsage, code_metrics, perplexity
 from pips.models.grid_dvae import predict_grids
+from pips.tasks.grids import GridQuality
 
 # ----------------------------------------------------------------------------- perplexity
 
@@ -45,18 +46,28 @@ def batch():
     return collate_grids(grids, eos=True)
 
 
+class ReconstructionMetrics:
+    """The grid task's validation metrics as the runner keeps them: cells and sizes
+    (GridQuality) beside the code usage (CodeUsage)."""
+
+    def __init__(self, codebook_size: int):
+        self.quality = GridQuality()
+        self.codebook_size = codebook_size
+        self.codes = None
+
+    def update(self, batch, colours, sizes, indices, latent_padding, slotted):
+        self.codes = self.codes or CodeUsage(self.codebook_size, slotted)
+        self.quality.update(colours, sizes, batch)
+        self.codes.update(indices, latent_padding)
+
+    def compute(self) -> dict:
+        grids = {"grids": float(self.quality.grids)}
+        return {**self.quality.compute(), **code_metrics(self.codes, "grids"), **grids}
+
+
 def _update(metrics, batch, colours, sizes=None, indices=None, latent_padding=None, slotted=True):
     sizes = batch.shapes.clone() if sizes is None else sizes
-    metrics.update(
-        colours,
-        sizes,
-        batch.tokens,
-        batch.grid_mask,
-        batch.shapes,
-        indices,
-        latent_padding,
-        slotted=slotted,
-    )
+    metrics.update(batch, colours, sizes, indices, latent_padding, slotted)
     return metrics.compute()
 
 

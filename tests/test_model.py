@@ -8,9 +8,8 @@ import torch
 
 from pips.config import QUANTIZER_KINDS, load_config
 from pips.data import MAX_GRID_SIZE, VOCAB, collate_grids, load_grids
-from pips.evaluation.evaluate import reconstruct
 from pips.models.grid_dvae import GridDVAE, predict_grids
-from pips.training.module import GridDVAEModule
+from pips.tasks.grids import GridDVAEModule
 
 SMALL_MODEL = [
     "model.width=32",
@@ -32,7 +31,7 @@ def _model(*overrides: str, seed: int = 0) -> GridDVAE:
 
 def _module(*overrides: str, seed: int = 0) -> GridDVAEModule:
     torch.manual_seed(seed)
-    return GridDVAEModule(load_config(overrides=[*SMALL_MODEL, *overrides]))
+    return GridDVAEModule.from_config(load_config(overrides=[*SMALL_MODEL, *overrides]))
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +340,7 @@ def test_reconstruct_after_overfitting_returns_the_original_grids(overfit_fsq, s
     module, batch, steps, _ = overfit_fsq
     assert steps is not None
     module.eval()
-    grids = reconstruct(module.model, batch)
+    grids = module.model.reconstruct(batch)
     assert len(grids) == len(small_grids)
     for rebuilt, original in zip(grids, small_grids, strict=True):
         np.testing.assert_array_equal(rebuilt, original)
@@ -359,6 +358,6 @@ def test_reconstruct_returns_grids_of_the_predicted_sizes(small_grids, layout):
     _, sizes = predict_grids(
         output.cell_logits, output.height_logits, output.width_logits, VOCAB.num_colours
     )
-    grids = reconstruct(model, batch)
+    grids = model.reconstruct(batch)
     assert [g.shape for g in grids] == [tuple(s) for s in sizes.tolist()]
     assert all(g.min() >= 0 and g.max() < VOCAB.num_colours for g in grids)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pips.evaluation.probe import GRID_PROPERTIES, ProbeError, fit_probe, split
+from pips.tasks.probe import GRID_PROPERTIES, ProbeError, fit_probe, split
 
 
 def test_a_target_that_is_a_function_of_one_slot_is_recovered_by_a_linear_probe():

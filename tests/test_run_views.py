@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pips.config import load_config
-from pips.evaluation.plots import read_metrics
+from pips.plots import read_metrics
 from pips.evaluation.report import SECTIONS
 
 
@@ -59,13 +59,13 @@ def test_a_run_that_raises_is_recorded_as_crashed(task_folder, tmp_path, cli, mo
     def explode(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr("pips.training.tasks.TaskParts.final_metrics", explode)
+    monkeypatch.setattr("pips.tasks.grids.GridsTask.final_metrics", explode)
     result = cli(
         "train",
         Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml",
         f"run_root={tmp_path}",
         "name=boom",
-        f"data.source={task_folder}",
+        f"grids.source={task_folder}",
         "trainer.max_steps=2",
         "trainer.val_every=2",
         "trainer.progress=false",
@@ -198,7 +198,7 @@ def test_shootout_trains_each_quantizer_at_matched_bits_and_prints_one_table(
     result = cli(
         "shootout",
         tiny,
-        f"data.source={task_folder}",
+        f"grids.source={task_folder}",
         "model.width=32",
         "--bits",
         "8",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pips.config import load_config
 from pips.data.gssm import GSSM, GSSMError
-from pips.evaluation.probe import (
+from pips.tasks.probe import (
     ProbeError,
     probe_hidden_state,
     probe_sequences,

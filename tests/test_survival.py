@@ -23,8 +23,8 @@ def _common(task_folder, tmp_path) -> list[str]:
     return [
         TINY_CONFIG,
         f"run_root={tmp_path}",
-        f"data.source={task_folder}",
-        "data.val_fraction=0.2",
+        f"grids.source={task_folder}",
+        "grids.val_fraction=0.2",
         "data.max_samples=48",
         "data.batch_size=8",
         "trainer.log_every=1",
@@ -51,7 +51,7 @@ def test_stop_then_resume_gives_bit_identical_weights(task_folder, tmp_path, cli
         "model.num_latents=4",
         "model.quantizer.kind=gumbel",
         "model.quantizer.codebook_size=16",
-        "data.mask_ratio=0.3",
+        "grids.mask_ratio=0.3",
         "loss.batch_diversity=0.05",
         "trainer.max_steps=14",
     ]
@@ -119,7 +119,7 @@ def test_sigterm_saves_last_ckpt_exits_cleanly_and_resume_continues(task_folder,
 @pytest.fixture
 def nan_at_call(monkeypatch):
     """Make the training loss NaN on the given calls of compute_losses (1-based)."""
-    from pips.training.module import GridDVAEModule
+    from pips.tasks.grids import GridDVAEModule
 
     original = GridDVAEModule.compute_losses
     calls = {"n": 0, "bad": set()}
@@ -230,7 +230,7 @@ def test_lr_find_saves_the_plot_and_prints_a_suggestion(task_folder, tmp_path, c
         TINY_CONFIG,
         f"run_root={tmp_path}",
         "name=lr",
-        f"data.source={task_folder}",
+        f"grids.source={task_folder}",
         "trainer.threads=1",
         "--steps",
         "20",
@@ -250,7 +250,7 @@ def test_debug_runs_a_few_steps_on_little_data_and_logs_no_metrics(task_folder, 
         TINY_CONFIG,
         f"run_root={tmp_path}",
         "name=dbg",
-        f"data.source={task_folder}",
+        f"grids.source={task_folder}",
         "trainer.debug=true",
         "trainer.max_steps=500",
         "trainer.progress=false",
@@ -411,8 +411,8 @@ def test_two_process_ddp_on_cpu_keeps_the_ranks_identical(task_folder, tmp_path)
         str(TINY_CONFIG),
         f"run_root={tmp_path}",
         "name=ddp",
-        f"data.source={task_folder}",
-        "data.val_fraction=0.2",
+        f"grids.source={task_folder}",
+        "grids.val_fraction=0.2",
         "model.quantizer.kind=vq",
         "model.quantizer.codebook_size=32",
         "trainer.accelerator=cpu",
@@ -464,8 +464,8 @@ def test_checkpoints_every_n_steps_and_the_best_k_by_a_chosen_metric(task_folder
     assert len(list(folder.glob("best-step*.ckpt"))) == 2
     assert sorted(p.name for p in folder.glob("last*.ckpt")) == ["last.ckpt"]
     assert not list(folder.glob(".*.tmp"))  # no temporary files left behind
-    from pips.evaluation.checkpoints import find_checkpoint
-    from pips.evaluation.plots import read_metrics
+    from pips.training.checkpoints import find_checkpoint
+    from pips.plots import read_metrics
 
     steps, losses = read_metrics(tmp_path / "ck" / "metrics.csv")["val/loss_cells"]
     best_step = int(steps[losses.argmin()]) + 1  # logged at the step before it is counted

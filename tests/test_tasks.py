@@ -173,11 +173,20 @@ def test_pips_probe_reads_a_hidden_node_against_the_bayes_optimal_accuracy(seque
 
 
 def test_each_task_picks_its_best_checkpoints_by_its_own_metric():
-    assert load_config(overrides=["task=images"]).trainer.best_metric == "val/psnr"
-    assert load_config(overrides=["task=sequences"]).trainer.best_metric == "val/token_accuracy"
-    assert load_config(overrides=["task=grids"]).trainer.best_metric == "val/cell_accuracy"
-    chosen = load_config(overrides=["task=images", "trainer.best_metric=val/mse"]).trainer
-    assert chosen.best_metric == "val/mse"
+    from pips.tasks import get_task
+    from pips.training.run import best_metric
+
+    def chosen(*overrides):
+        return best_metric(get_task(load_config(overrides=list(overrides))))
+
+    assert chosen("task=images") == ("val/psnr", "max")
+    assert chosen("task=sequences") == ("val/token_accuracy", "max")
+    assert chosen("task=grids") == ("val/cell_accuracy", "max")
+    assert chosen("task=images", "trainer.best_metric=val/mse") == ("val/mse", "max")
+    assert chosen("task=images", "trainer.best_metric=val/mse", "trainer.best_mode=min") == (
+        "val/mse",
+        "min",
+    )
 
 
 def test_a_sequences_run_stopped_mid_epoch_resumes_bit_identically(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from pips.config import LOGIT_TERMS, ConfigError, load_config
 from pips.data import collate_grids
 from pips.losses import kl_to_uniform
-from pips.training.module import GridDVAEModule
+from pips.tasks.grids import GridDVAEModule
 
 TINY_POOLED_GUMBEL = [
     "model.layout=pooled",
@@ -27,7 +27,7 @@ TINY_POOLED_GUMBEL = [
 def _module(*overrides: str, dataset_size: int | None = 100) -> GridDVAEModule:
     torch.manual_seed(0)
     config = load_config(overrides=[*TINY_POOLED_GUMBEL, *overrides])
-    return GridDVAEModule(config, dataset_size=dataset_size).train()
+    return GridDVAEModule.from_config(config, dataset_size=dataset_size).train()
 
 
 def _batch():
@@ -170,7 +170,7 @@ def test_stateful_terms_are_submodules_whose_buffers_are_checkpointed():
 
 
 def test_masking_runs_in_training_only_and_logs_the_fraction(monkeypatch):
-    module = _module("data.mask_ratio=0.5")
+    module = _module("grids.mask_ratio=0.5")
     batch = _batch()
     _, logs = module.train_losses(batch, step=0, with_logs=True)
     assert 0.0 <= logs["train/mask_fraction"].item() <= 0.75
@@ -178,7 +178,7 @@ def test_masking_runs_in_training_only_and_logs_the_fraction(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("validation must not mask")
 
-    monkeypatch.setattr("pips.training.module.mask_cells", refuse)
+    monkeypatch.setattr("pips.tasks.grids.mask_cells", refuse)
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
     module.eval()
     module.on_validation_epoch_start()

@@ -1,269 +1,118 @@
-"""Grids to code strings and back: what `pips encode` and `pips decode` do.
+"""Codes files: what `pips encode` writes and `pips decode` reads, for every task.
 
-A grid's codes are an integer array: ``[N]`` (pooled layout; ``[N, S]`` for residual / grouped
-quantizers with S indices per latent) or ``[rows, cols]`` of patches (spatial layout; ``[rows,
-cols, S]``). Decoding needs nothing else: the pooled model predicts the grid's size from its codes,
-the spatial one reads it off the decoded PAD/EOS cells (or its size heads).
-
-A codes file (``.npz``) holds every grid's codes flattened one after the other (``codes``,
-``[total, S]``), each grid's code array shape (``code_shapes``, ``[G, 3]``: rows, cols, S, with
-rows = 1 for pooled codes) and where each grid came from (``task_ids``, ``subsets``,
-``pair_indices``, ``roles``), plus ``codebook_size`` and ``layout``.
+A codes file (``.npz``, read with ``allow_pickle=False``) holds every item's code array flattened
+one after the other (``codes``, int64 ``[total]``), each item's code array shape (``code_shapes``,
+``[G, D]``), the task's per-item metadata arrays (grids: ``task_ids``, ``subsets``,
+``pair_indices``, ``roles``; other tasks: ``item_index``), and ``task``, ``codebook_size`` and
+``checkpoint``. Files written before the task interface (grids only: ``codes [total, S]`` and
+``code_shapes [G, 3]`` with a ``layout``) are read too. Every array is checked before use.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pips.data.arc import GridRecord
-from pips.data.batch import collate_grids
-from pips.data.vocab import MAX_GRID_SIZE
-from pips.evaluation.evaluate import decode_patches, decode_slots
-from pips.models.grid_dvae import GridDVAE
+SCALARS = ("task", "codebook_size", "checkpoint", "layout")
+MAX_CODES = 2**31  # more codes than any real file holds: a crafted shape, not data
 
 
 class CodesError(ValueError):
-    """A codes file that cannot be decoded by this model; the message says why."""
-
-
-def _batches(grids: Sequence[np.ndarray], batch_size: int):
-    """Indices of ``grids`` in batches of similar size (less padding), every grid once."""
-    order = sorted(range(len(grids)), key=lambda i: (grids[i].shape, i))
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
-
-
-def _require_codes(model: GridDVAE) -> None:
-    if model.config.quantizer.kind == "none":
-        raise CodesError(
-            "this model has no quantizer (model.quantizer.kind=none), so its latents are not "
-            "codes; encode with a model trained with a discrete quantizer"
-        )
-
-
-@torch.no_grad()
-def encode_grids(
-    model: GridDVAE, grids: Sequence[np.ndarray], batch_size: int = 128
-) -> list[np.ndarray]:
-    """Each grid's code indices (argmax codes, eval mode), in the order of ``grids``."""
-    _require_codes(model)
-    model.eval()
-    out: list[np.ndarray | None] = [None] * len(grids)
-    device = next(model.parameters()).device
-    for chosen in _batches(grids, batch_size):
-        batch = collate_grids([grids[i] for i in chosen], eos=model.eos).to(device)
-        encoded = model.encode(batch)
-        indices = encoded.quantizer.indices  # [B, N] or [B, N, S]
-        if indices.dim() == 2:
-            indices = indices.unsqueeze(-1)
-        indices = indices.cpu().numpy()
-        if model.spatial:
-            p = model.output_patch
-            wq = -(-batch.canvas_width // p)
-            for row, i in enumerate(chosen):
-                height, width = grids[i].shape
-                rows = -(-height // p)
-                cols = -(-(width + int(model.eos)) // p)
-                board = indices[row].reshape(-1, wq, indices.shape[-1])
-                out[i] = board[:rows, :cols]  # [rows, cols, S]
-        else:
-            for row, i in enumerate(chosen):
-                out[i] = indices[row]  # [N, S]
-    return [codes if codes.shape[-1] > 1 else codes[..., 0] for codes in out]
-
-
-def _check_codes(model: GridDVAE, codes: np.ndarray, where: str) -> np.ndarray:
-    codes = np.asarray(codes)
-    levels = _levels(model)
-    array = codes if codes.ndim == (3 if model.spatial else 2) else codes[..., None]
-    expected = "[rows, cols]" if model.spatial else f"[{model.config.num_latents}]"
-    if array.ndim != (3 if model.spatial else 2) or array.shape[-1] != levels:
-        raise CodesError(
-            f"{where}: codes of shape {codes.shape} do not fit this model, which takes "
-            f"{expected} codes{'' if levels == 1 else f' with {levels} indices each'}"
-        )
-    if not model.spatial and array.shape[0] != model.config.num_latents:
-        raise CodesError(
-            f"{where}: {array.shape[0]} codes, but this model has "
-            f"{model.config.num_latents} latent slots per grid"
-        )
-    if model.spatial:
-        limit = -(-MAX_GRID_SIZE // model.output_patch)
-        limit_cols = -(-(MAX_GRID_SIZE + int(model.eos)) // model.output_patch)
-        if array.shape[0] > limit or array.shape[1] > limit_cols or 0 in array.shape:
-            raise CodesError(
-                f"{where}: a {array.shape[0]} x {array.shape[1]} board of patch codes does not "
-                f"describe a grid of at most {MAX_GRID_SIZE} x {MAX_GRID_SIZE} cells"
-            )
-    size = model.quantizer.codebook_size
-    if not np.issubdtype(array.dtype, np.integer):
-        raise CodesError(f"{where}: codes must be integers; got {array.dtype}")
-    if array.size and (array.min() < 0 or array.max() >= size):
-        bad = int(array.min()) if array.min() < 0 else int(array.max())
-        raise CodesError(
-            f"{where}: code index {bad} is out of range; this model's codebook has {size} "
-            f"codes (0 to {size - 1})"
-        )
-    return array
-
-
-def _levels(model: GridDVAE) -> int:
-    quantizer = model.config.quantizer
-    if quantizer.kind == "rvq":
-        return quantizer.num_stages
-    if quantizer.kind == "gvq":
-        return quantizer.groups
-    return 1
-
-
-@torch.no_grad()
-def decode_codes(
-    model: GridDVAE,
-    codes: Sequence[np.ndarray],
-    pad_weight: float,
-    batch_size: int = 128,
-) -> list[np.ndarray]:
-    """Grids rebuilt from code arrays alone (see the module docstring for their shapes).
-
-    ``pad_weight`` is the run's ``loss.pad_weight``: it decides whether a spatial model's grid
-    sizes are read off the decoded PAD/EOS cells or come from its size heads.
-    """
-    _require_codes(model)
-    model.eval()
-    arrays = [_check_codes(model, c, f"grid {i}") for i, c in enumerate(codes)]
-    device = next(model.parameters()).device
-    out: list[np.ndarray | None] = [None] * len(arrays)
-    for chosen in _batches(arrays, batch_size):
-        chunk = [arrays[i] for i in chosen]
-        grids = (
-            _decode_spatial(model, chunk, pad_weight, device)
-            if model.spatial
-            else _decode_pooled(model, chunk, device)
-        )
-        for i, grid in zip(chosen, grids, strict=True):
-            out[i] = grid
-    return out
-
-
-def _squeeze(indices: torch.Tensor) -> torch.Tensor:
-    return indices[..., 0] if indices.shape[-1] == 1 else indices
-
-
-def _decode_pooled(model: GridDVAE, chunk: list[np.ndarray], device) -> list[np.ndarray]:
-    indices = _squeeze(torch.as_tensor(np.stack(chunk), device=device).long())  # [B, N(, S)]
-    quantized = model.quantizer.codes_to_quantized(indices)  # [B, N, D]
-    batch, slots = quantized.shape[:2]
-    positions = torch.zeros(batch, slots, 2, dtype=torch.long, device=device)
-    padding = torch.zeros(batch, slots, dtype=torch.bool, device=device)
-    return decode_slots(model, quantized, positions, padding)
-
-
-def _decode_spatial(model, chunk: list[np.ndarray], pad_weight: float, device):
-    """Spatial layout: the patch codes on one board (top-left aligned), padding elsewhere."""
-    rows = max(a.shape[0] for a in chunk)
-    cols = max(a.shape[1] for a in chunk)
-    levels = chunk[0].shape[-1]
-    board = torch.zeros(len(chunk), rows, cols, levels, dtype=torch.long)
-    padding = torch.ones(len(chunk), rows, cols, dtype=torch.bool)
-    for b, array in enumerate(chunk):
-        board[b, : array.shape[0], : array.shape[1]] = torch.as_tensor(array)
-        padding[b, : array.shape[0], : array.shape[1]] = False
-    indices = _squeeze(board.view(len(chunk), rows * cols, levels).to(device))
-    quantized = model.quantizer.codes_to_quantized(indices)  # [B, rows * cols, D]
-    padding = padding.view(len(chunk), -1).to(device)
-    return decode_patches(model, quantized, padding, rows, cols, pad_weight > 0)
-
-
-# ------------------------------------------------------------------------------------ files
+    """A codes file that cannot be read or decoded; the message says why."""
 
 
 def save_codes(
     path: str | Path,
     codes: Sequence[np.ndarray],
-    records: Sequence[GridRecord],
-    model: GridDVAE,
+    metadata: dict[str, np.ndarray],
+    task: str,
+    codebook_size: int,
     checkpoint: str,
-) -> None:
-    shapes = []
-    flat = []
-    for array in codes:
-        array = array if array.ndim == (3 if model.spatial else 2) else array[..., None]
-        if not model.spatial:
-            array = array[None]  # [1, N, S]
-        shapes.append(array.shape)
-        flat.append(array.reshape(-1, array.shape[-1]))
+) -> Path:
+    """Write ``codes`` (one integer array per item, all of one rank) and their metadata; returns
+    the path written (``.npz`` added when missing)."""
     path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    arrays = [np.asarray(array, dtype=np.int64) for array in codes]
+    rank = arrays[0].ndim if arrays else 1
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         path,
-        codes=np.concatenate(flat) if flat else np.zeros((0, 1), dtype=np.int64),
-        code_shapes=np.asarray(shapes, dtype=np.int64).reshape(-1, 3),
-        task_ids=np.asarray([r.task_id for r in records], dtype=str),
-        subsets=np.asarray([r.subset for r in records], dtype=str),
-        pair_indices=np.asarray([r.pair_index for r in records], dtype=np.int64),
-        roles=np.asarray([r.role for r in records], dtype=str),
-        codebook_size=np.int64(model.quantizer.codebook_size),
-        layout=np.asarray(model.config.layout),
+        codes=np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.int64),
+        code_shapes=np.asarray([a.shape for a in arrays], dtype=np.int64).reshape(-1, rank),
+        task=np.asarray(task),
+        codebook_size=np.int64(codebook_size),
         checkpoint=np.asarray(checkpoint),
+        **metadata,
     )
+    return path
 
 
 def load_codes(path: str | Path) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """A codes file -> (each grid's code array, the per-grid metadata arrays)."""
+    """A codes file -> (each item's code array, the per-item metadata arrays and scalars)."""
     path = Path(path)
     if not path.is_file():
         raise CodesError(f"codes file {path} does not exist; write one with pips encode")
     try:
         with np.load(path, allow_pickle=False) as data:
             files = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError) as error:
         raise CodesError(f"{path} is not a codes file written by pips encode ({error})") from None
-    missing = {"codes", "code_shapes", "task_ids"} - set(files)
+    missing = {"codes", "code_shapes"} - set(files)
     if missing:
         raise CodesError(
             f"{path} is not a codes file written by pips encode (it lacks "
             f"{', '.join(sorted(missing))})"
         )
     flat, shapes = files["codes"], files["code_shapes"]
-    counts = shapes[:, 0] * shapes[:, 1]
-    if counts.sum() != len(flat):
+    if not np.issubdtype(shapes.dtype, np.integer) or shapes.ndim != 2:
+        raise CodesError(
+            f"{path}: code_shapes must be a 2-D integer array (one row per item); got "
+            f"{shapes.dtype} of shape {shapes.shape}; encode again"
+        )
+    if not np.issubdtype(flat.dtype, np.integer):
+        raise CodesError(f"{path}: codes must be integers; got {flat.dtype}; encode again")
+    if shapes.size and shapes.min() < 0:
+        raise CodesError(f"{path}: code_shapes holds a negative size; the file is damaged")
+    counts = np.prod(shapes.astype(np.float64), axis=1)
+    old_format = flat.ndim == 2  # grids before the task interface: [total, S], shapes [G, 3]
+    if old_format:
+        if shapes.shape[1] != 3 or flat.shape[1] < 1:
+            raise CodesError(f"{path}: codes [total, S] need code_shapes [G, 3]; encode again")
+        counts = shapes[:, 0].astype(np.float64) * shapes[:, 1]
+        total = flat.shape[0]
+    elif flat.ndim == 1:
+        total = flat.shape[0]
+    else:
+        raise CodesError(f"{path}: codes must be a flat array; got shape {flat.shape}")
+    if counts.sum() > MAX_CODES or counts.sum() != total:
         raise CodesError(
             f"{path}: code_shapes describe {int(counts.sum())} codes but the file holds "
-            f"{len(flat)}; the file is damaged, encode again"
+            f"{total}; the file is damaged, encode again"
         )
-    starts = np.concatenate([[0], np.cumsum(counts)])
+    items = len(shapes)
+    for key, values in files.items():
+        if key in ("codes", "code_shapes") or key in SCALARS:
+            continue
+        if values.ndim != 1 or len(values) != items:
+            raise CodesError(
+                f"{path}: metadata {key!r} has {values.shape} entries for {items} items; the "
+                f"file is damaged, encode again"
+            )
+    starts = np.concatenate([[0], np.cumsum(counts).astype(np.int64)])
     arrays = []
     layout = str(files.get("layout", "spatial"))
-    for (rows, cols, levels), start, end in zip(shapes, starts[:-1], starts[1:], strict=True):
-        array = flat[start:end].reshape(rows, cols, levels)
-        if layout == "pooled":
-            array = array[0]
-        arrays.append(array if levels > 1 else array[..., 0])
+    for shape, start, end in zip(shapes, starts[:-1], starts[1:], strict=True):
+        if old_format:
+            rows, cols, levels = (int(v) for v in shape)
+            if levels != flat.shape[1]:
+                raise CodesError(f"{path}: an item has {levels} levels, the codes {flat.shape[1]}")
+            array = flat[start:end].reshape(rows, cols, levels)
+            array = array[0] if layout == "pooled" else array
+            arrays.append(array if levels > 1 else array[..., 0])
+        else:
+            arrays.append(flat[start:end].reshape(tuple(int(v) for v in shape)))
     return arrays, files
-
-
-def grids_to_arc_json(
-    grids: Sequence[np.ndarray], metadata: dict[str, np.ndarray], path: str | Path
-) -> int:
-    """Write grids as ARC task JSON (``{task: {"train": [{"input", "output"}], "test": [...]}}``)
-    in the places the metadata names; returns the number of tasks."""
-    tasks: dict[str, dict[str, list[dict]]] = {}
-    names = metadata.get("task_ids")
-    for i, grid in enumerate(grids):
-        task_id = str(names[i]) if names is not None else f"grid{i:05d}"
-        subset = str(metadata["subsets"][i]) if "subsets" in metadata else "train"
-        pair = int(metadata["pair_indices"][i]) if "pair_indices" in metadata else i
-        role = str(metadata["roles"][i]) if "roles" in metadata else "input"
-        pairs = tasks.setdefault(task_id, {"train": [], "test": []})[subset]
-        while len(pairs) <= pair:
-            pairs.append({})
-        pairs[pair][role] = grid.tolist()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(tasks))
-    return len(tasks)

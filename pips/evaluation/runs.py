@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pips.evaluation.plots import read_metrics
+from pips.plots import read_metrics
+from pips.tasks import TASKS
 
 
 def _json(path: Path) -> dict:
@@ -98,8 +99,9 @@ def run_row(run_dir: Path) -> dict:
         started = time.mktime(time.strptime(status_record["started"], "%Y-%m-%dT%H:%M:%S"))
         wall = time.time() - started
     task = config.get("task", "grids")
-    metric, label, digits = HEADLINES.get(task, HEADLINES["grids"])
-    value = summary.get(metric, _best(series, f"val/{metric}"))
+    headline = TASKS[task].headline if task in TASKS else TASKS["grids"].headline
+    metric, label, digits = headline.metric, headline.label, headline.digits
+    value = summary.get(metric, _best(series, f"val/{metric}", headline.mode))
     return {
         "name": run_dir.name,
         "path": str(run_dir),
@@ -122,14 +124,6 @@ def run_row(run_dir: Path) -> dict:
         "wall_seconds": wall,
         "error": status_record.get("error"),
     }
-
-
-# each task's headline validation metric: (metric, label, decimals)
-HEADLINES = {
-    "grids": ("cell_accuracy", "cell acc", 3),
-    "images": ("psnr", "PSNR dB", 2),
-    "sequences": ("token_accuracy", "token acc", 3),
-}
 
 
 def format_seconds(seconds: float | None) -> str:

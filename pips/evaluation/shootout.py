@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pips.config import ConfigError, load_config
 from pips.evaluation.runs import run_row
+from pips.training.run import train
 
 KINDS = ("gumbel", "vq", "fsq", "lfq", "rvq", "gvq", "none")
 RUN_NAMES = {"none": "continuous"}  # a run named "none" would read as no name
@@ -62,7 +63,6 @@ def run_shootout(
 ) -> tuple[Path, list[dict]]:
     """Train one run per quantizer in ``root`` (default ``runs/shootout-<time>``); returns the
     folder and one row per run (see :func:`pips.evaluation.runs.run_row`)."""
-    from pips.training.run import train
 
     unknown = [kind for kind in kinds if kind not in KINDS]
     if unknown:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pips.config import ModelConfig
-from pips.data.batch import Batch
+from pips.data.batch import Batch, collate_grids
 from pips.data.vocab import MAX_GRID_SIZE, VOCAB, Vocabulary
 from pips.models.build import (
     block_arguments,
@@ -100,6 +101,13 @@ class GridDVAE(nn.Module):
         self.width = width
         self.token_patch = config.patch_size if config.patch_tokens else 1
         self.spatial = config.layout == "spatial"
+        if config.size_from == "cells" and not self.spatial:
+            raise ValueError(
+                "model.size_from=cells reads a grid's size off its decoded PAD/EOS cells, which "
+                "only the spatial layout decodes; use model.size_from=heads with layout pooled"
+            )
+        # how a decoded grid's size is read: off the PAD/EOS cells, or by the size heads
+        self.sizes_from_cells = config.size_from == "cells"
         self.region_side = (
             math.isqrt(config.num_latents) if not self.spatial and config.slots != "learned" else 0
         )
@@ -321,17 +329,17 @@ class GridDVAE(nn.Module):
         inside = (~encoded.latent_padding).view(batch, hp * wp, 1, 1).expand(-1, -1, p * p, 1)
         return unpatchify(inside, hp, wp, p, canvas_height, canvas_width).squeeze(-1)
 
-    def predict(self, output: GridDVAEOutput, canvas_width: int, sizes_from_cells: bool):
+    def predict(self, output: GridDVAEOutput, canvas_width: int):
         """Colours [B, L] (argmax over the ten colours) and sizes [B, 2] of the decoded grids.
 
-        With ``sizes_from_cells`` (spatial layout, trained with PAD/EOS weight > 0) a grid's size
-        is read off its decoded cells: the rows whose first cell is not PAD, and the column of
+        With ``model.size_from=cells`` (spatial layout, trained with PAD/EOS weight > 0) a grid's
+        size is read off its decoded cells: the rows whose first cell is not PAD, and the column of
         the first EOS in row 0 (the first PAD without EOS). Otherwise the size heads decide.
         """
         colours, head_sizes = predict_grids(
             output.cell_logits, output.height_logits, output.width_logits, self.vocab.num_colours
         )
-        if not (self.spatial and sizes_from_cells):
+        if not self.sizes_from_cells:
             return colours, head_sizes
         batch = colours.shape[0]
         tokens = output.cell_logits.argmax(-1).view(batch, -1, canvas_width)  # [B, H, W]
@@ -356,3 +364,187 @@ class GridDVAE(nn.Module):
         )
         covered = self.covered_cells(encoded, batch.canvas_height, batch.canvas_width)
         return GridDVAEOutput(cell_logits, height_logits, width_logits, encoded, covered)
+
+    # ---------------------------------------------------------------------------- inference
+    # A grid's codes are an integer array: [N] (pooled; [N, S] for residual / grouped
+    # quantizers with S indices per latent) or [rows, cols] of patches (spatial; [rows, cols, S]).
+    # Decoding needs nothing else: the size comes from the codes by the model's own size rule.
+
+    @property
+    def code_levels(self) -> int:
+        """Indices per latent: a residual quantizer's stages, a grouped one's groups, else 1."""
+        quantizer = self.quantizer
+        for name in ("indices_per_code", "num_stages", "groups"):
+            value = getattr(quantizer, name, None)
+            if isinstance(value, int):
+                return value
+        return 1
+
+    @torch.no_grad()
+    def reconstruct(self, batch: Batch, **schedule_values: float) -> list:
+        """Each grid of ``batch`` rebuilt from its codes alone: size first, then cells."""
+        encoded = self.encode(batch, **schedule_values)
+        quantized = encoded.quantizer.quantized
+        if self.spatial:  # every patch of the grid's own codes, whatever the batch's canvas
+            p = self.output_patch
+            rows, cols = -(-batch.canvas_height // p), -(-batch.canvas_width // p)
+            return self._decode_patches(quantized, encoded.latent_padding, rows, cols)
+        return self._decode_slots(quantized, encoded.latent_positions, encoded.latent_padding)
+
+    @torch.no_grad()
+    def encode_grids(self, grids: list, batch_size: int = 128) -> list:
+        """Each grid's code indices (argmax codes, eval mode), in the order of ``grids``:
+        numpy arrays [N] / [N, S] (pooled) or [rows, cols] / [rows, cols, S] (spatial)."""
+        self.eval()
+        out: list = [None] * len(grids)
+        device = next(self.parameters()).device
+        for chosen in _similar_sizes([g.shape for g in grids], batch_size):
+            batch = collate_grids([grids[i] for i in chosen], eos=self.eos).to(device)
+            indices = self.encode(batch).quantizer.indices  # [B, N] or [B, N, S]
+            if indices.dim() == 2:
+                indices = indices.unsqueeze(-1)
+            indices = indices.cpu().numpy()
+            for row, i in enumerate(chosen):
+                if self.spatial:
+                    p = self.output_patch
+                    height, width = grids[i].shape
+                    rows, cols = -(-height // p), -(-(width + int(self.eos)) // p)
+                    board = indices[row].reshape(-1, -(-batch.canvas_width // p), indices.shape[-1])
+                    out[i] = board[:rows, :cols]  # [rows, cols, S]
+                else:
+                    out[i] = indices[row]  # [N, S]
+        return [codes if codes.shape[-1] > 1 else codes[..., 0] for codes in out]
+
+    def check_codes(self, codes, where: str):
+        """``codes`` as an integer array ``[rows, cols, S]`` (spatial) or ``[N, S]`` (pooled), or
+        a ValueError saying why they do not fit this model."""
+        codes = np.asarray(codes)
+        levels, dims = self.code_levels, 3 if self.spatial else 2
+        array = codes if codes.ndim == dims else codes[..., None]
+        expected = "[rows, cols]" if self.spatial else f"[{self.config.num_latents}]"
+        if array.ndim != dims or array.shape[-1] != levels:
+            raise ValueError(
+                f"{where}: codes of shape {codes.shape} do not fit this model, which takes "
+                f"{expected} codes{'' if levels == 1 else f' with {levels} indices each'}"
+            )
+        if not self.spatial and array.shape[0] != self.config.num_latents:
+            raise ValueError(
+                f"{where}: {array.shape[0]} codes, but this model has "
+                f"{self.config.num_latents} latent slots per grid"
+            )
+        if self.spatial:
+            limit = -(-MAX_GRID_SIZE // self.output_patch)
+            limit_cols = -(-(MAX_GRID_SIZE + int(self.eos)) // self.output_patch)
+            if array.shape[0] > limit or array.shape[1] > limit_cols or 0 in array.shape:
+                raise ValueError(
+                    f"{where}: a {array.shape[0]} x {array.shape[1]} board of patch codes does "
+                    f"not describe a grid of at most {MAX_GRID_SIZE} x {MAX_GRID_SIZE} cells"
+                )
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"{where}: codes must be integers; got {array.dtype}")
+        size = self.quantizer.codebook_size
+        if array.size and (array.min() < 0 or array.max() >= size):
+            bad = int(array.min()) if array.min() < 0 else int(array.max())
+            raise ValueError(
+                f"{where}: code index {bad} is out of range; this model's codebook has {size} "
+                f"codes (0 to {size - 1})"
+            )
+        return array
+
+    @torch.no_grad()
+    def decode_codes(self, codes: list, batch_size: int = 128) -> list:
+        """Grids (numpy [H, W]) rebuilt from code arrays alone (shapes as :meth:`encode_grids`
+        returns them); a ValueError names any code array that does not fit this model."""
+        self.eval()
+        arrays = [self.check_codes(c, f"grid {i}") for i, c in enumerate(codes)]
+        device = next(self.parameters()).device
+        out: list = [None] * len(arrays)
+        for chosen in _similar_sizes([a.shape for a in arrays], batch_size):
+            chunk = [arrays[i] for i in chosen]
+            grids = (
+                self._decode_board(chunk, device)
+                if self.spatial
+                else self._decode_pooled(chunk, device)
+            )
+            for i, grid in zip(chosen, grids, strict=True):
+                out[i] = grid
+        return out
+
+    def _decode_pooled(self, chunk: list, device) -> list:
+        indices = _squeeze(torch.as_tensor(np.stack(chunk), device=device).long())  # [B, N(, S)]
+        quantized = self.quantizer.codes_to_quantized(indices)  # [B, N, D]
+        batch, slots = quantized.shape[:2]
+        positions = torch.zeros(batch, slots, 2, dtype=torch.long, device=device)
+        padding = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+        return self._decode_slots(quantized, positions, padding)
+
+    def _decode_board(self, chunk: list, device) -> list:
+        """Spatial layout: the patch codes on one board (top-left aligned), padding elsewhere."""
+        rows = max(a.shape[0] for a in chunk)
+        cols = max(a.shape[1] for a in chunk)
+        levels = chunk[0].shape[-1]
+        board = torch.zeros(len(chunk), rows, cols, levels, dtype=torch.long)
+        padding = torch.ones(len(chunk), rows, cols, dtype=torch.bool)
+        for b, array in enumerate(chunk):
+            board[b, : array.shape[0], : array.shape[1]] = torch.as_tensor(array)
+            padding[b, : array.shape[0], : array.shape[1]] = False
+        indices = _squeeze(board.view(len(chunk), rows * cols, levels).to(device))
+        quantized = self.quantizer.codes_to_quantized(indices)  # [B, rows * cols, D]
+        return self._decode_patches(quantized, padding.view(len(chunk), -1).to(device), rows, cols)
+
+    def _decode_patches(self, quantized, padding, rows: int, cols: int) -> list:
+        """Spatial layout: decode each grid's patch codes ``[B, rows * cols, D]`` (``padding``
+        True outside a grid), read its size by the model's rule, and crop. Cells of the predicted
+        size that no patch of the grid covers are 0."""
+        batch, p = quantized.shape[0], self.output_patch
+        positions = grid_positions(rows, cols, quantized.device).expand(batch, -1, -1)
+        cell_padding = padding.view(batch, rows, 1, cols, 1).expand(-1, -1, p, -1, p)
+        cell_padding = cell_padding.reshape(batch, -1)
+        canvas_height, canvas_width = rows * p, cols * p
+        cell_logits, height_logits, width_logits = self.decode(
+            quantized, positions, padding, canvas_height, canvas_width, cell_padding
+        )
+        output = GridDVAEOutput(cell_logits, height_logits, width_logits, None, ~cell_padding)
+        colours, sizes = self.predict(output, canvas_width)
+        colours = colours.masked_fill(cell_padding, 0)
+        return crop_grids(colours.view(batch, canvas_height, canvas_width), sizes)
+
+    def _decode_slots(self, quantized, positions, padding) -> list:
+        """Pooled layout: the size heads read each grid's size off its codes; decode on a
+        canvas of those sizes, then crop each grid."""
+        height_logits, width_logits = self.predict_shape(self.code_projection(quantized), padding)
+        sizes = torch.stack([height_logits.argmax(-1), width_logits.argmax(-1)], dim=-1) + 1
+        batch = sizes.shape[0]
+        eos = int(self.eos)
+        canvas_height, canvas_width = int(sizes[:, 0].max()), int(sizes[:, 1].max()) + eos
+        rows = torch.arange(canvas_height, device=sizes.device).view(1, -1, 1)
+        cols = torch.arange(canvas_width, device=sizes.device).view(1, 1, -1)
+        inside = (rows < sizes[:, 0, None, None]) & (cols < sizes[:, 1, None, None] + eos)
+        cell_logits, _, _ = self.decode(
+            quantized, positions, padding, canvas_height, canvas_width, ~inside.view(batch, -1)
+        )
+        colours = cell_logits[..., : self.vocab.num_colours].argmax(-1)
+        return crop_grids(colours.view(batch, canvas_height, canvas_width), sizes)
+
+
+def _squeeze(indices: torch.Tensor) -> torch.Tensor:
+    return indices[..., 0] if indices.shape[-1] == 1 else indices
+
+
+def _similar_sizes(shapes: list, batch_size: int):
+    """Indices of items in batches of similar shape (less padding), every item once."""
+    order = sorted(range(len(shapes)), key=lambda i: (tuple(shapes[i]), i))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def crop_grids(boards: torch.Tensor, sizes: torch.Tensor) -> list:
+    """Boards [B, H, W] of colours -> each grid (numpy) at its size [B, 2] (zeros past the
+    board)."""
+    grids = []
+    for board, (height, width) in zip(boards.cpu().numpy(), sizes.tolist(), strict=True):
+        grid = np.zeros((height, width), dtype=np.int64)
+        h, w = min(height, board.shape[0]), min(width, board.shape[1])
+        grid[:h, :w] = board[:h, :w]
+        grids.append(grid)
+    return grids

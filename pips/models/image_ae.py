@@ -7,7 +7,7 @@ Two backbones (``images.backbone``):
   (``S = size / 2**downsample``) becomes one code, and a mirrored conv decoder upsamples the
   quantized map back to pixels.
 - ``vit`` (ViT-VQGAN, Yu et al. 2022, without the adversarial parts): the image is cut into
-  ``p x p`` patches (``p = images.patch_size``, ``S = size / p`` per side), each patch's
+  ``p x p`` patches (``p = model.patch_size``, ``S = size / p`` per side), each patch's
   ``C * p * p`` pixels are embedded linearly (with ``images.dct``: its per-channel block DCT
   coefficients in zigzag order, low frequencies first), ``model.encoder_layers`` transformer
   blocks with 2D RoPE over patch positions encode them, each patch becomes one code, and
@@ -102,10 +102,10 @@ class ImageAutoencoder(nn.Module):
                 width, images.channels, channels * self.maps, images.downsample, images.res_blocks
             )
         elif self.backbone == "vit":
-            patch = images.patch_size
+            patch = model.patch_size
             if image_size % patch:
                 raise ConfigError(
-                    f"images of size {image_size} do not split into images.patch_size={patch} "
+                    f"images of size {image_size} do not split into model.patch_size={patch} "
                     f"patches; use a patch size that divides {image_size} or set images.size"
                 )
             self.patch = patch

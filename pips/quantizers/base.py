@@ -2,8 +2,9 @@
 
 A quantizer is an ``nn.Module`` whose ``forward(z, **schedule_values)`` takes ``z: [..., dim]`` and
 returns a :class:`QuantizerOutput`. Scheduled values (temperature, hardness, noise scale) are keyword
-arguments, never hidden step counters: the trainer owns time. Unknown keyword arguments are ignored,
-so a trainer can pass every scheduled value to whichever quantizer it holds.
+arguments, never hidden step counters: the trainer owns time. A trainer may pass every value of
+:data:`SCHEDULE_VALUES` to whichever quantizer it holds (each uses those it knows); any other
+keyword is refused, so a misspelled schedule name fails instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -26,11 +27,24 @@ class QuantizerOutput(NamedTuple):
     stats: dict[str, torch.Tensor]  # detached scalars for logging: perplexity, used_codes, ...
 
 
+#: the scheduled values any quantizer's forward accepts as keyword arguments
+SCHEDULE_VALUES = frozenset({"temperature", "hardness", "noise_scale"})
+
+
 class Quantizer(nn.Module):
     """Base class: subclasses set ``codebook_size`` and implement ``forward`` and
     ``codes_to_quantized``."""
 
     codebook_size: int = 0
+
+    def __call__(self, z: torch.Tensor, **schedule_values: float) -> QuantizerOutput:
+        unknown = schedule_values.keys() - SCHEDULE_VALUES
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unknown schedule value(s) "
+                f"{', '.join(sorted(unknown))}; quantizers take {', '.join(sorted(SCHEDULE_VALUES))}"
+            )
+        return super().__call__(z, **schedule_values)
 
     def forward(self, z: torch.Tensor, **schedule_values: float) -> QuantizerOutput:
         raise NotImplementedError

@@ -1,5 +1,5 @@
-"""Training callbacks: a step progress bar with throughput, reconstruction pictures, and the
-trajectories of the latent loss terms."""
+"""Training callbacks: a step progress bar with throughput, code usage over training, the
+trajectories of the latent loss terms, and the run guard (signals, stops, NaN)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,8 @@ import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from pips.data.batch import Batch, batch_to_grids
-from pips.evaluation.evaluate import reconstruct
-from pips.evaluation.plots import (
-    plot_code_usage,
-    plot_curves,
-    read_metrics,
-    save_reconstructions,
-)
+from pips.plots import plot_code_usage, plot_curves, read_metrics
+from pips.training.profiling import peak_memory_mb
 
 
 class TrainingProgress(L.Callback):
@@ -28,7 +22,8 @@ class TrainingProgress(L.Callback):
     loss, cell accuracy and grids/s, and logs throughput at each logging step: grids/s and
     cells/s of the step, seconds waiting for data versus computing, and peak memory."""
 
-    def __init__(self, show_bar: bool = True, log_every: int = 0):
+    def __init__(self, show_bar: bool = True, log_every: int = 0, elements=None):
+        self.elements = elements or (lambda batch: float(batch.elements))  # cells, pixels...
         self.show_bar = show_bar
         self.log_every = log_every
         self._last_end = None
@@ -74,7 +69,7 @@ class TrainingProgress(L.Callback):
             module.log_dict(
                 {
                     "perf/grids_per_second": len(batch) / max(elapsed, 1e-9),
-                    "perf/cells_per_second": _elements(batch) / max(elapsed, 1e-9),
+                    "perf/cells_per_second": self.elements(batch) / max(elapsed, 1e-9),
                     "perf/step_seconds": elapsed,
                     "perf/data_seconds": self._data_seconds,
                     "perf/peak_memory_mb": peak_memory_mb(module.device),
@@ -102,7 +97,7 @@ class TrainingProgress(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
-        names = getattr(module, "progress_metrics", ("cell_accuracy", "grid_accuracy"))
+        names = module.progress_metrics
         parts = []
         for name in names:
             value = float(metrics.get(f"val/{name}", float("nan")))
@@ -117,21 +112,6 @@ class TrainingProgress(L.Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _elements(batch) -> float:
-    """Cells of a grid batch, pixels of an image batch, tokens of a sequence batch."""
-    mask = getattr(batch, "grid_mask", None)
-    return float(mask.sum()) if mask is not None else float(batch.elements)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device``, else the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class CodebookMonitor(L.Callback):
@@ -216,57 +196,6 @@ class CodebookMonitor(L.Callback):
         self.usage = state_dict.get("usage")
 
 
-class PeriodicDrawing(L.Callback):
-    """Draws after a validation, on rank zero, at most every ``every`` steps (0: never)."""
-
-    def __init__(self, every: int):
-        self.every = every
-        self.last_step = None
-
-    def due(self, trainer) -> bool:
-        step = trainer.global_step
-        if (
-            trainer.sanity_checking
-            or not trainer.is_global_zero
-            or self.every <= 0
-            or (self.last_step is not None and step - self.last_step < self.every)
-        ):
-            return False
-        self.last_step = step
-        return True
-
-
-class ReconstructionImages(PeriodicDrawing):
-    """After a validation, at most every ``every`` steps: a PNG of validation grids, their
-    reconstructions from codes, and the differing cells."""
-
-    def __init__(self, folder: Path, every: int, batch: Batch, num_grids: int = 8):
-        super().__init__(every)
-        self.folder = Path(folder)
-        self.batch = batch  # the same validation grids every time
-        self.num_grids = num_grids
-
-    def on_validation_end(self, trainer, module) -> None:
-        if not self.due(trainer):
-            return
-        step = trainer.global_step
-        batch = self.batch.to(module.device)
-        was_training = module.training
-        module.eval()
-        grids = reconstruct(
-            module.model, batch, module.config.loss.pad_weight, **module.schedule_values(step)
-        )
-        module.train(was_training)
-        originals = batch_to_grids(batch.tokens, batch.shapes, batch.canvas_width)
-        count = min(self.num_grids, len(originals))
-        save_reconstructions(
-            originals[:count],
-            grids[:count],
-            self.folder / f"reconstructions_step{step:07d}.png",
-            title=f"step {step}",
-        )
-
-
 class TermCurves(L.Callback):
     """``images/loss_terms.png``: each latent term (``loss/kl``, ``loss/tc``, ...), its weight and
     the reconstruction loss against the step, read back from the run's metrics.csv. Redrawn
@@ -277,9 +206,10 @@ class TermCurves(L.Callback):
         ("weights", "weight/"),
     )
 
-    def __init__(self, run_dir: Path, every: int):
+    def __init__(self, run_dir: Path, every: int, reconstruction_loss: str = "cells"):
         self.run_dir = Path(run_dir)
         self.every = every
+        self.reconstruction_loss = reconstruction_loss  # the task's: cells, pixels, tokens...
         self.last_step = None
 
     def draw(self, trainer) -> None:
@@ -303,10 +233,10 @@ class TermCurves(L.Callback):
             key
             for key in series
             if key.startswith(("train/loss_", "val/loss_"))
-            and key.split("loss_")[1] in ("cells", "pixels", "tokens")
+            and key.split("loss_")[1] == self.reconstruction_loss
         )
         panels.append(("reconstruction", reconstruction))
-        names = getattr(trainer.lightning_module, "progress_metrics", ())
+        names = trainer.lightning_module.progress_metrics
         panels.append(
             ("validation", [f"val/{name}" for name in names if name != "codebook_perplexity"])
         )

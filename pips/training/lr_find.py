@@ -17,8 +17,8 @@ import lightning as L
 from lightning.pytorch.tuner import Tuner
 
 from pips.config import load_config, save_config
-from pips.training.datamodule import GridDataModule
-from pips.training.module import GridDVAEModule
+from pips.tasks import TaskError, get_task
+from pips.training.run import RunError, _quiet_lightning, _setup_torch, new_run_dir
 
 
 def find_learning_rate(
@@ -28,8 +28,6 @@ def find_learning_rate(
     max_lr: float = 1e-1,
     steps: int = 100,
 ) -> tuple[Path, float]:
-    from pips.training.run import RunError, _quiet_lightning, _setup_torch, new_run_dir
-
     if not 0 < min_lr < max_lr:
         raise RunError(f"lr-find needs 0 < --min < --max; got --min {min_lr} --max {max_lr}")
     config = load_config(config_path, overrides)
@@ -39,9 +37,12 @@ def find_learning_rate(
     _quiet_lightning()
     _setup_torch(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    datamodule = GridDataModule(config.data, config.seed)
-    datamodule.setup("fit")
-    module = GridDVAEModule(config, dataset_size=len(datamodule.train_records))
+    try:
+        task = get_task(config)  # any task: its own data and module
+        datamodule = task.datamodule()
+        module = task.module(datamodule)
+    except TaskError as error:
+        raise RunError(str(error)) from None
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_steps=steps,

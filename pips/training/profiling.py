@@ -11,6 +11,15 @@ import lightning as L
 import torch
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -22,8 +31,9 @@ class LightProfiler(L.Callback):
     cells (tokens) per second and the peak memory. CUDA is synchronised at each boundary, so the
     numbers are true and the step a little slower."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, elements=None):
         self.path = Path(path)
+        self.elements = elements or (lambda batch: float(batch.elements))  # the task's count
         self.handle = None
         self.marks: dict[str, float] = {}
         self.last_end: float | None = None
@@ -67,11 +77,9 @@ class LightProfiler(L.Callback):
             "optimizer_seconds": end - marks.get("optimizer", end),
             "step_seconds": end - marks["start"],
             "grids": len(batch),
-            "cells_per_second": float(batch.grid_mask.sum()) / max(end - marks["start"], 1e-9),
+            "cells_per_second": self.elements(batch) / max(end - marks["start"], 1e-9),
+            "peak_memory_mb": peak_memory_mb(module.device),
         }
-        from pips.training.callbacks import peak_memory_mb
-
-        record["peak_memory_mb"] = peak_memory_mb(module.device)
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
 

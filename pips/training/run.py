@@ -36,10 +36,15 @@ from pips.training.callbacks import (
     TrainingProgress,
 )
 from pips.training.checkpoint_io import AtomicCheckpointIO
+from pips.training.checkpoints import (
+    CheckpointError,
+    find_checkpoint,
+    load_weights,
+    read_checkpoint,
+)
+from pips.tasks import Task, TaskError, get_task
 from pips.training.loggers import RunCSVLogger
-from pips.training.module import CodeModule
 from pips.training.profiling import LightProfiler, TorchProfiler
-from pips.training.tasks import build_task
 
 
 class RunError(RuntimeError):
@@ -107,14 +112,25 @@ def _loggers(config: Config, run_dir: Path) -> list:
     return loggers
 
 
+def best_metric(task: Task) -> tuple[str, str]:
+    """The validation metric that picks the best checkpoints, and its direction: the config's
+    ``trainer.best_metric`` / ``best_mode``, else the task's headline metric."""
+    trainer = task.config.trainer
+    metric = trainer.best_metric or f"val/{task.headline.metric}"
+    mode = trainer.best_mode or (task.headline.mode if trainer.best_metric is None else "max")
+    return metric, mode
+
+
 def _build_trainer(
-    config: Config,
+    task: Task,
     run_dir: Path,
     progress: TrainingProgress,
     images: L.Callback | None,
     guard: RunGuard,
 ) -> L.Trainer:
+    config = task.config
     trainer_config = config.trainer
+    monitor, mode = best_metric(task)
     callbacks = [
         progress,
         guard,
@@ -122,15 +138,15 @@ def _build_trainer(
             dirpath=run_dir / "checkpoints",
             filename="best-step{step}",
             auto_insert_metric_name=False,
-            monitor=trainer_config.best_metric,
-            mode=trainer_config.best_mode,
+            monitor=monitor,
+            mode=mode,
             save_top_k=trainer_config.keep_best,
             save_last=True,
             enable_version_counter=False,  # last.ckpt is one file, also written by RunGuard
         ),
         CodebookMonitor(
             run_dir / "images",
-            slotted=config.model.layout == "pooled" and config.task != "images",
+            slotted=task.slotted,
             log_every=trainer_config.log_every,
             every=trainer_config.image_every,
         ),
@@ -138,14 +154,14 @@ def _build_trainer(
     if images is not None:
         callbacks.append(images)
     if any(not schedule_is_off(getattr(config.loss, name)) for name in LOGIT_TERMS):
-        callbacks.append(TermCurves(run_dir, trainer_config.image_every))
+        callbacks.append(TermCurves(run_dir, trainer_config.image_every, task.reconstruction_loss))
     if trainer_config.ema_decay is not None:
         from lightning.pytorch.callbacks import EMAWeightAveraging
 
         # parameters only: quantizer buffers (EMA codebooks, usage) stay the live ones
         callbacks.append(EMAWeightAveraging(decay=trainer_config.ema_decay, use_buffers=False))
     if trainer_config.profiler == "light":
-        callbacks.append(LightProfiler(run_dir / "profile.jsonl"))
+        callbacks.append(LightProfiler(run_dir / "profile.jsonl", task.batch_elements))
     elif trainer_config.profiler == "torch":
         callbacks.append(TorchProfiler(run_dir / "profile"))
     loggers = [] if trainer_config.debug else _loggers(config, run_dir)
@@ -264,11 +280,17 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
     _setup_torch(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     started = time.time()
-    task = build_task(config)
-    datamodule, module = task.datamodule, task.module
+    try:
+        task = get_task(config)
+        datamodule = task.datamodule()
+        module = task.module(datamodule)
+    except TaskError as error:
+        raise RunError(str(error)) from None
     if config.trainer.compile:
-        module.model = torch.compile(module.model)
-    progress = TrainingProgress(config.trainer.progress, config.trainer.log_every)
+        module.model.compile()  # in place: the saved weights keep their names
+    progress = TrainingProgress(
+        config.trainer.progress, config.trainer.log_every, task.batch_elements
+    )
     guard = RunGuard(
         run_dir / "checkpoints" / "last.ckpt",
         config.trainer.stop_signals,
@@ -279,12 +301,11 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
     module.guard = guard
     if config.init_from and ckpt_path is None:
         _initialise_from(module, Path(config.init_from))
-    images = task.reconstruction_callback(config, run_dir)
-    trainer = _build_trainer(config, run_dir, progress, images, guard)
-    layout = "" if config.task == "images" else f"layout {config.model.layout}, "
+    images = task.reconstruction_callback(datamodule, run_dir)
+    trainer = _build_trainer(task, run_dir, progress, images, guard)
     print(
-        f"{task.description}; {sum(p.numel() for p in module.parameters()):,} parameters; "
-        f"{layout}quantizer {config.model.quantizer.kind}",
+        f"{datamodule.describe()}; {sum(p.numel() for p in module.parameters()):,} parameters; "
+        f"{task.model_description()}",
         file=sys.stderr,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -303,7 +324,7 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
         return {"status": "interrupted", "steps": trainer.global_step}
     summary = {"status": "finished", "steps": trainer.global_step}
     if trainer.is_global_zero:
-        final, evaluated = task.final_metrics(config)
+        final, evaluated = task.final_metrics(module, datamodule)
         for logger in trainer.loggers:  # the full-split numbers beside the periodic ones
             logger.log_metrics({f"final/{k}": v for k, v in final.items()}, trainer.global_step)
             logger.save()
@@ -312,16 +333,14 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
         previous = _read_summary(run_dir)
         summary["wall_seconds"] = previous.get("wall_seconds", 0.0) + (time.time() - started)
         summary[f"{task.unit}_per_second"] = progress.grids_per_second
-        summary[f"train_{task.unit}"] = task.train_size
+        summary[f"train_{task.unit}"] = datamodule.train_size
         summary[f"val_{task.unit}"] = evaluated
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _initialise_from(module: CodeModule, path: Path) -> None:
+def _initialise_from(module: L.LightningModule, path: Path) -> None:
     """pips train --from: the new run's model starts from another run's weights."""
-    from pips.evaluation.checkpoints import find_checkpoint, load_weights, read_checkpoint
-
     file = find_checkpoint(path, "last")
     load_weights(module.model, read_checkpoint(file)["state_dict"], file)
 
@@ -336,8 +355,6 @@ def train(
 ) -> tuple[Path, dict]:
     config = load_config(config_path, overrides)
     if init_from is not None:
-        from pips.evaluation.checkpoints import find_checkpoint
-
         config.init_from = str(find_checkpoint(init_from, "last").resolve())
     if not is_rank_zero():  # another process of a distributed run: rank zero owns the folder
         shared = os.environ.get("PIPS_RUN_DIR")
@@ -367,8 +384,6 @@ def resume(run_dir: str | Path, overrides: list[str]) -> tuple[Path, dict]:
             f"with `pips train`"
         )
     config = load_config(config_path, overrides)
-    from pips.evaluation.checkpoints import CheckpointError, read_checkpoint
-
     try:
         read_checkpoint(checkpoint)  # a truncated file fails here, in one sentence
     except CheckpointError as error:

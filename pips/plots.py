@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 # the ARC colours 0-9, then a light grey for cells outside a grid
@@ -174,3 +175,37 @@ def plot_code_usage(
     if title:
         figure.suptitle(title, fontsize=9)
     _save(figure, path)
+
+
+def save_image_rows(rows: list[torch.Tensor], path: Path, title: str = "") -> None:
+    """One matplotlib row per tensor of images ``[N, C, H, W]`` in [0, 1]."""
+    count = rows[0].shape[0]
+    figure, axes = plt.subplots(
+        len(rows), count, figsize=(1.2 * count, 1.3 * len(rows) + 0.4), squeeze=False
+    )
+    for r, images in enumerate(rows):
+        for c in range(count):
+            image = images[c].permute(1, 2, 0).numpy()
+            axis = axes[r, c]
+            if image.shape[-1] == 1:
+                axis.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
+            else:
+                axis.imshow(image)
+            axis.set_xticks([])
+            axis.set_yticks([])
+    if title:
+        figure.suptitle(title, fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def html_image(draw) -> str:
+    """``draw(file)`` writes a PNG into a buffer; returns an <img> tag with it embedded."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    draw(buffer)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="">'

@@ -1,4 +1,4 @@
-"""Load a trained grid DVAE from a run folder or a checkpoint file, with errors a person can act on.
+"""Load a trained model from a run folder or a checkpoint file, with errors a person can act on.
 
 A Lightning checkpoint written by ``pips train`` holds the run's resolved config (its
 ``hyper_parameters``) and the weights; :func:`load_model` rebuilds the model from the config and
@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from pips.config import Config, ConfigError, check_config, from_dict
-from pips.models.grid_dvae import GridDVAE
+from pips.config import Config, ConfigError, check_config, from_dict, migrate
+from pips.tasks import TaskError, get_task
 
 
 class CheckpointError(RuntimeError):
@@ -23,7 +23,7 @@ class CheckpointError(RuntimeError):
 
 
 class LoadedModel(NamedTuple):
-    model: GridDVAE  # in eval mode
+    model: torch.nn.Module  # the task's bare model, in eval mode
     config: Config
     checkpoint: Path
     step: int
@@ -101,7 +101,7 @@ def checkpoint_config(checkpoint: dict, path: Path) -> Config:
             f"pips train"
         )
     try:
-        config = from_dict(Config, saved)
+        config = from_dict(Config, migrate(saved))  # runs written before task sections too
         check_config(config)
         return config
     except ConfigError as error:
@@ -151,9 +151,10 @@ def load_model(
     file = find_checkpoint(path, which)
     checkpoint = read_checkpoint(file)
     config = overrides if overrides is not None else checkpoint_config(checkpoint, file)
-    from pips.training.tasks import build_model_for
-
-    model = build_model_for(config, checkpoint.get("hyper_parameters") or {})
+    try:
+        model = get_task(config).build_model(checkpoint.get("hyper_parameters") or {})
+    except (TaskError, ValueError) as error:
+        raise CheckpointError(f"the model of {file} cannot be built: {error}") from None
     load_weights(model, checkpoint["state_dict"], file)
     model.eval()
     run_dir = file.parent.parent if file.parent.name == "checkpoints" else None

@@ -303,15 +303,31 @@ def probe_sequences(
     scores: dict = fit_probe(
         features, targets, train, test, codebook, hidden, steps, weight_decay, seed
     )
-    scores.update(
-        node=node,
-        sequences=count,
-        length=length,
-        test_sequences=len(test_sequences),
-        bayes_optimal=None,
-        recovered=None,
-    )
-    if gssm is not None:
+    gauge = bayes_baselines(data, node, gssm, test_sequences, count, length)
+    scores.update(gauge(scores))
+    return scores
+
+
+def bayes_baselines(
+    data: dict, node: str, gssm: GSSM | None, test_sequences: np.ndarray, count: int, length: int
+) -> Callable[[dict], dict]:
+    """A function of a probe's scores that adds ``bayes_optimal`` (with ``gssm``, the generator of
+    ``data``: the Bayes accuracy on the same held-out sequences, else None) and ``recovered =
+    (accuracy - majority) / (bayes_optimal - majority)`` (None without ``gssm`` or when the Bayes
+    decision is no better than the majority)."""
+    states = np.asarray(data[f"hidden/{node}"])
+
+    def baselines(scores: dict) -> dict:
+        extra = {
+            "node": node,
+            "sequences": count,
+            "length": length,
+            "test_sequences": len(test_sequences),
+            "bayes_optimal": None,
+            "recovered": None,
+        }
+        if gssm is None:
+            return extra
         held_out = {
             "observations": np.asarray(data["observations"])[test_sequences],
             f"hidden/{node}": states[test_sequences],
@@ -322,11 +338,13 @@ def probe_sequences(
             bayes = gssm.bayes_optimal_accuracy(held_out, node)
         except GSSMError as error:
             raise ProbeError(str(error)) from None
-        scores["bayes_optimal"] = bayes
+        extra["bayes_optimal"] = bayes
         headroom = bayes - scores["majority"]
         if headroom > 1e-9:
-            scores["recovered"] = (scores["accuracy"] - scores["majority"]) / headroom
-    return scores
+            extra["recovered"] = (scores["accuracy"] - scores["majority"]) / headroom
+        return extra
+
+    return baselines
 
 
 def probe_hidden_state(

@@ -1,9 +1,10 @@
-"""The LightningModule that trains a grid DVAE: schedules, losses, optimizer, validation metrics.
+"""What every task's LightningModule shares: schedules, the latent terms of the code posteriors,
+the NaN guard, gradient norms, validation metrics, the saved random streams and the optimizer.
 
-Besides the reconstruction losses, optional terms of the code posteriors ``q(z|x)`` (``loss.kl``,
-``loss.mi``/``tc``/``dwkl``, entropies, code usage; see :class:`pips.config.LossConfig`) enter the
-loss as ``weight * term``. Each weight is a Schedule, and a term is computed only at the steps where
-its weight is above 0. During training, ``data.mask_ratio`` hides input cells behind MASK.
+Besides a task's reconstruction loss, optional terms of the code posteriors ``q(z|x)``
+(``loss.kl``, ``loss.mi``/``tc``/``dwkl``, entropies, code usage; see
+:class:`pips.config.LossConfig`) enter the loss as ``weight * term``. Each weight is a Schedule,
+and a term is computed only at the steps where its weight is above 0.
 """
 
 from __future__ import annotations
@@ -13,27 +14,22 @@ import random
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import grad_norm
 
 from pips.config import DECOMPOSITION_TERMS, LOGIT_TERMS, Config, schedule_is_off, to_dict
-from pips.data.batch import Batch
-from pips.data.masking import mask_cells
-from pips.evaluation.evaluate import predict, update_metrics
-from pips.evaluation.metrics import ReconstructionMetrics
 from pips.losses import (
     CodeUsageKL,
     SlotMarginalEMA,
     batch_average_entropy,
-    cell_weights,
     decompose_kl,
     entropy_diversity_loss,
     kl_to_uniform,
     monte_carlo_kl_to_uniform,
     posterior_entropy,
-    shape_cross_entropy,
     slot_average_entropy,
-    weighted_cross_entropy,
 )
-from pips.models.grid_dvae import GridDVAE, GridDVAEOutput
+from pips.metrics import CodeUsage, code_metrics
+from pips.quantizers.base import SCHEDULE_VALUES
 from pips.schedules import Schedule
 
 # loss.mi/tc/dwkl -> the KLDecomposition field that holds the term
@@ -44,7 +40,7 @@ DECOMPOSITION_FIELDS = {
 }
 
 
-def code_statistics(output: GridDVAEOutput) -> dict[str, torch.Tensor]:
+def code_statistics(output) -> dict[str, torch.Tensor]:
     """Peakiness (mean max probability of q(z|x)) for the probabilistic quantizers, and the mean
     norms of the encoder outputs and of the quantized vectors (for VQ: the chosen codebook
     vectors), over the grid's real latents."""
@@ -64,20 +60,27 @@ def code_statistics(output: GridDVAEOutput) -> dict[str, torch.Tensor]:
 
 class CodeModule(L.LightningModule):
     """What every task's module shares: the schedules, the latent terms of the code posteriors,
-    the NaN guard, gradient-norm logs, the saved random streams and the optimizer. A task's
-    module builds ``self.model`` (which has a ``quantizer``) in :meth:`build_model` and defines
-    ``train_losses`` and validation. ``dataset_size`` (the number of training items) feeds the
-    minibatch estimator of ``loss.mi/tc/dwkl`` unless ``loss.dataset_size`` sets it; None treats
-    each batch as the whole dataset."""
+    the NaN guard, gradient-norm logs, validation metrics, the saved random streams and the
+    optimizer. A task's module is given its bare ``model`` (which has a ``quantizer``) and its
+    :class:`~pips.tasks.base.Task`, and defines ``train_losses`` and ``update_metrics``.
+    ``dataset_size`` (the number of training items) feeds the minibatch estimator of
+    ``loss.mi/tc/dwkl`` unless ``loss.dataset_size`` sets it; None treats each batch as the whole
+    dataset. ``hyper_parameters`` (e.g. the data's shape) are saved beside the config, so
+    ``task.build_model`` can rebuild the model from a checkpoint alone."""
 
-    #: validation metrics printed after each validation (``step N: val a 0.1, b 0.2, ...``)
-    progress_metrics: tuple[str, ...] = ("cell_accuracy", "grid_accuracy", "codebook_perplexity")
-
-    def __init__(self, config: Config, dataset_size: int | None = None):
+    def __init__(
+        self,
+        task,
+        model: torch.nn.Module,
+        dataset_size: int | None = None,
+        hyper_parameters: dict | None = None,
+    ):
         super().__init__()
+        config = task.config
+        self.task = task
         self.config = config
-        self.save_hyperparameters({"config": to_dict(config)})
-        self.model = self.build_model()
+        self.save_hyperparameters({"config": to_dict(config), **(hyper_parameters or {})})
+        self.model = model
         max_steps = config.trainer.max_steps
         quantizer = config.model.quantizer
         self.schedules: dict[str, Schedule] = {
@@ -94,7 +97,6 @@ class CodeModule(L.LightningModule):
             for name in LOGIT_TERMS
             if not schedule_is_off(getattr(loss, name))
         }
-        self.mask_ratio = config.data.mask_ratio.resolve(max_steps)
         self.dataset_size = loss.dataset_size or dataset_size
         # stateful terms are submodules, so their running averages live in the checkpoint; they
         # see a product codebook's factors as latents of k codes each
@@ -111,13 +113,24 @@ class CodeModule(L.LightningModule):
             if "code_usage_kl" in self.term_weights
             else None
         )
-        self.val_metrics: ReconstructionMetrics | None = None
+        # validation metrics: summed over batches and across ranks (torchmetrics states)
+        self.val_quality = self.new_metrics()
+        self.val_codes = CodeUsage(self.model.quantizer.codebook_size, task.slotted)
         self.last_codes: tuple[torch.Tensor | None, torch.Tensor] | None = None
         self.last_losses: dict[str, torch.Tensor] = {}  # this step's loss parts, detached
         self.guard = None  # a RunGuard (set by the runner): NaN/inf checks of the loss
 
-    def build_model(self) -> torch.nn.Module:
+    def new_metrics(self, **kwargs):
+        """The task's validation metric (a torchmetrics Metric), e.g. cell accuracy."""
         raise NotImplementedError
+
+    def update_metrics(self, quality, codes: CodeUsage, output, batch) -> None:
+        """Add one validation batch's ``output`` to the task's metric and the code usage."""
+        raise NotImplementedError
+
+    @property
+    def progress_metrics(self) -> tuple[str, ...]:
+        return self.task.progress_metrics
 
     @property
     def spatial_codes(self) -> bool:
@@ -128,8 +141,17 @@ class CodeModule(L.LightningModule):
     def schedule_values(self, step: int) -> dict[str, float]:
         return {name: schedule(step) for name, schedule in self.schedules.items()}
 
+    def quantizer_values(self, step: int) -> dict[str, float]:
+        """The scheduled values the model's quantizer takes (temperature, hardness, noise)."""
+        return {
+            name: schedule(step)
+            for name, schedule in self.schedules.items()
+            if name in SCHEDULE_VALUES
+        }
+
     def forward(self, batch, **schedule_values: float):
-        return self.model(batch, **schedule_values)
+        values = {k: v for k, v in schedule_values.items() if k in SCHEDULE_VALUES}
+        return self.model(batch, **values)
 
     def add_latent_terms(self, output, losses: dict, step: int, values: dict) -> tuple[dict, dict]:
         """Add the scheduled latent terms to ``losses["total"]``; keep this step's detached loss
@@ -167,7 +189,7 @@ class CodeModule(L.LightningModule):
         raise NotImplementedError
 
     def latent_terms(
-        self, output: GridDVAEOutput, weights: dict[str, float], temperature: float
+        self, output, weights: dict[str, float], temperature: float
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The latent terms whose weight is above 0 now, and the decomposition's clamp flags.
 
@@ -237,7 +259,7 @@ class CodeModule(L.LightningModule):
     def is_logging_step(self, step: int) -> bool:
         return (step + 1) % self.config.trainer.log_every == 0 or step == 0
 
-    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
+    def training_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
         step = self.global_step
         total, logs = self.train_losses(batch, step, self.is_logging_step(step))
         if self.guard is not None:
@@ -248,22 +270,33 @@ class CodeModule(L.LightningModule):
         return {"loss": total}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Gradient norms (after unscaling, before clipping): global and per top-level part."""
+        """Gradient norms (after unscaling, before clipping): global and per top-level part, by
+        Lightning's ``grad_norm``."""
         if not self.is_logging_step(self.global_step):
             return
         norms = {}
-        squares_total = 0.0
         for name, child in self.model.named_children():
-            grads = [p.grad for p in child.parameters() if p.grad is not None]
-            if not grads:
-                continue
-            squares = float(sum(g.detach().float().pow(2).sum() for g in grads))
-            squares_total += squares
-            norms[f"grad_norm/{name}"] = squares**0.5
-        top_level = [p.grad for p in self.model.parameters(recurse=False) if p.grad is not None]
-        squares_total += float(sum(g.detach().float().pow(2).sum() for g in top_level))
-        norms["grad_norm/total"] = squares_total**0.5
+            total = grad_norm(child, norm_type=2).get("grad_2.0_norm_total")
+            if total is not None:
+                norms[f"grad_norm/{name}"] = float(total)
+        total = grad_norm(self.model, norm_type=2).get("grad_2.0_norm_total")
+        if total is not None:
+            norms["grad_norm/total"] = float(total)
         self.log_dict(norms)
+
+    # ----------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.val_quality.reset()
+        self.val_codes.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        output = self(batch, **self.quantizer_values(self.global_step))
+        self.update_metrics(self.val_quality, self.val_codes, output, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        """Every rank validated its own share of the items; the metrics add them up."""
+        metrics = {**self.val_quality.compute(), **code_metrics(self.val_codes, self.task.unit)}
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()})
 
     # ----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -313,74 +346,3 @@ class CodeModule(L.LightningModule):
         }
 
 
-class GridDVAEModule(CodeModule):
-    """Trains a :class:`GridDVAE` on ARC grids."""
-
-    def build_model(self) -> GridDVAE:
-        return GridDVAE(self.config.model, eos=self.config.data.eos)
-
-    @property
-    def sizes_from_cells(self) -> bool:
-        """Spatial runs that learn PAD/EOS read a grid's size off its decoded cells."""
-        return self.model.spatial and self.config.loss.pad_weight > 0
-
-    def compute_losses(self, output: GridDVAEOutput, batch: Batch, quantizer_weight: float):
-        loss_config = self.config.loss
-        grid_mask = batch.grid_mask
-        # PAD/EOS weigh pad_weight; cells outside the grid's own code patches carry no signal
-        weights = cell_weights(grid_mask, loss_config.pad_weight) * output.covered
-        cells = weighted_cross_entropy(
-            output.cell_logits,
-            batch.tokens,
-            weights,
-            loss_config.focal_gamma,
-            loss_config.label_smoothing,
-        )
-        shape = output.cell_logits.new_zeros(())
-        if not self.sizes_from_cells:  # else the size is read off the decoded PAD/EOS cells
-            shape = shape_cross_entropy(output.height_logits, output.width_logits, batch.shapes)
-        quantizer_loss = output.encoded.quantizer.loss
-        total = cells + loss_config.shape_weight * shape + quantizer_weight * quantizer_loss
-        return {"total": total, "cells": cells, "shape": shape, "quantizer": quantizer_loss}
-
-    def train_losses(
-        self, batch: Batch, step: int, with_logs: bool = False
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        """The training loss at ``step`` and, with ``with_logs``, every metric to log.
-
-        The encoder sees ``batch`` with some cells masked (``data.mask_ratio``); the losses
-        compare the decoded cells with the original tokens.
-        """
-        values = self.schedule_values(step)
-        inputs = mask_cells(batch, self.mask_ratio(step))
-        output = self(inputs, **values)
-        losses = self.compute_losses(output, batch, values["quantizer_weight"])
-        terms, clamped = self.add_latent_terms(output, losses, step, values)
-        if not with_logs:
-            return losses["total"], {}
-
-        with torch.no_grad():
-            colours, _ = predict(self.model, output, batch, self.config.loss.pad_weight)
-            mask = batch.grid_mask
-            accuracy = ((colours == batch.tokens) & mask).sum() / mask.sum()
-        logs = self.common_logs(output, losses, terms, clamped, values, step)
-        logs["train/cell_accuracy"] = accuracy
-        if not schedule_is_off(self.config.data.mask_ratio):
-            hidden = (inputs.tokens != batch.tokens).sum()
-            logs["train/mask_fraction"] = hidden / batch.grid_mask.sum()
-        return losses["total"], logs
-
-    # ----------------------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self.val_metrics = ReconstructionMetrics(self.model.quantizer.codebook_size)
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        output = self(batch, **self.schedule_values(self.global_step))
-        losses = self.compute_losses(output, batch, 0.0)
-        update_metrics(self.val_metrics, self.model, output, batch, self.config.loss.pad_weight)
-        self.log("val/loss_cells", losses["cells"], batch_size=len(batch))
-
-    def on_validation_epoch_end(self) -> None:
-        metrics = self.val_metrics.compute()
-        metrics.pop("grids", None)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)

@@ -1,0 +1,226 @@
+"""The Task interface: what the runner, the verbs, the callbacks and the report ask of a task.
+
+A task (grids, images, sequences, ...) is a class registered in :data:`TASKS` under its config
+name (``task: grids``). It owns its data, its model, its losses and training step (its
+LightningModule), its metrics and headline metric, the unit it counts, how to draw its
+reconstructions, ``encode`` / ``decode`` between items and codes, and its probe targets. Nothing
+outside ``pips/tasks`` asks which task it is holding: it reads these attributes and calls these
+methods. A new task is one file with one subclass and one :func:`register_task` call.
+
+The methods that touch a trained model take the bare model (what ``build_model`` returns, with a
+``quantizer``), so they serve ``pips evaluate`` on a checkpoint as well as the runner.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+
+from pips.config import Config, register_task_section
+from pips.plots import html_image
+
+
+class TaskError(ValueError):
+    """A request a task cannot serve (a verb it has no data for, a bad probe target...); the
+    message says what would work."""
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A task's headline validation metric: what picks the best checkpoints, what `pips runs`
+    and `pips compare` show first."""
+
+    metric: str  # without the val/ prefix, e.g. "cell_accuracy"
+    label: str  # short, for tables: "cell acc"
+    digits: int = 3
+    mode: str = "max"  # "max": larger is better
+
+
+@dataclass
+class ProbeData:
+    """What a task hands the probe: features per example, integer targets, the train/test split,
+    and numbers to print beside the probe's accuracy (e.g. a Bayes-optimal accuracy)."""
+
+    features: np.ndarray  # [E, F] float, or integer codes with ``codebook`` values each
+    targets: np.ndarray  # [E]
+    train: np.ndarray  # example indices
+    test: np.ndarray
+    codebook: int | None = None
+    note: str = ""  # which items were probed
+    baselines: Any = None  # callable(scores) -> dict of extra numbers, or None
+
+
+@dataclass
+class Items:
+    """Items a verb works on: the items themselves (a list of arrays, or a tensor with one row
+    per item), per-item metadata arrays saved beside their codes, and a description."""
+
+    items: Any
+    metadata: dict[str, np.ndarray]
+    note: str
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class Task:
+    """Base class of every task: override what the task does differently."""
+
+    name: ClassVar[str] = ""
+    unit: ClassVar[str] = "items"  # what one item is called in summaries: grids, images...
+    section: ClassVar[type | None] = None  # the dataclass of its config section (``name.*``)
+    headline: ClassVar[Headline] = Headline("loss", "loss", 4, "min")
+    summary_keys: ClassVar[tuple[str, ...]] = ()  # final metrics printed at the end of a run
+    progress_metrics: ClassVar[tuple[str, ...]] = ()  # printed after each validation
+    reconstruction_loss: ClassVar[str] = "reconstruction"  # train/loss_<name>, val/loss_<name>
+    curve_panels: ClassVar[list[tuple[str, list[str]]]] = []  # the report's task-specific curves
+    probe_targets: ClassVar[tuple[str, ...]] = ()
+    takes_data_spec: ClassVar[bool] = False  # True: --data names items of this task
+    slotted_layouts: ClassVar[tuple[str, ...]] = ("pooled",)  # layouts whose latents are slots
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    # ----------------------------------------------------------------------- training
+    def datamodule(self) -> L.LightningDataModule:
+        """The task's data, set up: ``train_size``, ``val_size``, ``describe()``, the loaders and
+        ``final_dataloader()`` (the evaluation after training)."""
+        raise NotImplementedError
+
+    def module(self, data: L.LightningDataModule) -> L.LightningModule:
+        """The LightningModule that trains the model (a :class:`pips.tasks.module.CodeModule`)."""
+        raise NotImplementedError
+
+    def build_model(self, hyper_parameters: dict) -> torch.nn.Module:
+        """The bare model of a saved run, from its config and its checkpoint's hyper-parameters
+        (e.g. the data shape the module saved)."""
+        raise NotImplementedError
+
+    def model_description(self) -> str:
+        """One phrase for the start-up line and the report: layout and quantizer."""
+        model = self.config.model
+        return f"layout {model.layout}, quantizer {model.quantizer.kind}"
+
+    @property
+    def slotted(self) -> bool:
+        """True when latent n means the same slot in every item (code usage counted per slot)."""
+        return self.config.model.layout in self.slotted_layouts
+
+    def reconstruction_callback(
+        self, data: L.LightningDataModule, run_dir: Path
+    ) -> L.Callback | None:
+        """A callback that draws validation items beside their reconstructions, or None."""
+        return None
+
+    def final_metrics(
+        self, module: L.LightningModule, data: L.LightningDataModule
+    ) -> tuple[dict[str, float], int]:
+        """The evaluation after training: metrics over the final validation items, and how many."""
+        metrics, count, _ = self.evaluate(module.model, None, module.device)
+        return metrics, count
+
+    @staticmethod
+    def batch_elements(batch) -> float:
+        """Cells, pixels or tokens in a batch (the profiler's and progress bar's throughput)."""
+        return float(batch.elements)
+
+    # ----------------------------------------------------------------------- evaluation
+    def evaluate(
+        self, model: torch.nn.Module, spec: str | None, device: torch.device | str = "cpu"
+    ) -> tuple[dict[str, float], int, str]:
+        """Validation metrics of ``model`` (eval mode, argmax codes) on the items ``spec`` names
+        (None: the run's own validation split), the number of items and a description."""
+        raise NotImplementedError
+
+    def items(self, spec: str | None, distinct: bool = True) -> Items:
+        """The items ``spec`` names (None: the validation split), for encode and probe."""
+        raise NotImplementedError
+
+    def encode(self, model: torch.nn.Module, items) -> list[np.ndarray]:
+        """Each item's code indices (argmax codes, eval mode), one integer array per item."""
+        raise NotImplementedError
+
+    def decode(self, model: torch.nn.Module, codes: list[np.ndarray]) -> list:
+        """Items rebuilt from their codes alone; ``decode(encode(x))`` is what the model
+        reconstructs. Codes that do not fit the model raise :class:`TaskError`."""
+        raise NotImplementedError
+
+    def write_items(self, items: list, metadata: dict[str, np.ndarray], out: Path) -> str:
+        """Write decoded items to ``out`` (grids: ARC task JSON); returns a description."""
+        arrays = [np.asarray(item) for item in items]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out, items=np.stack(arrays) if arrays else np.zeros((0,)))
+        return f"{len(arrays)} {self.unit}"
+
+    def probe(
+        self, model: torch.nn.Module, target: str, features: str, spec, count, layer
+    ) -> ProbeData:
+        raise TaskError(f"pips probe has no targets for task {self.name}")
+
+    def report_sections(self, model: torch.nn.Module, run_dir: Path) -> dict[str, str]:
+        """The task's sections of `pips report` (HTML): by default the newest code-usage and
+        reconstruction images the run wrote while training."""
+        images = Path(run_dir) / "images"
+        return {
+            "Code usage": latest_image(images, "code_usage_step*.png")
+            or "<p>No code-usage image was written (trainer.image_every=0 or no codes).</p>",
+            "Reconstructions": latest_image(images, "reconstructions_step*.png")
+            or "<p>No reconstruction image was written (trainer.image_every=0).</p>",
+        }
+
+
+def latest_image(folder: Path, pattern: str) -> str | None:
+    """The newest ``pattern`` PNG in ``folder`` (by step in its name) as embedded HTML."""
+    files = sorted(Path(folder).glob(pattern))
+    if not files:
+        return None
+    tag = html_image(lambda f: f.write(files[-1].read_bytes()))
+    return tag + f"<p class='note'>{html.escape(files[-1].name)}</p>"
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(task: type[Task]) -> type[Task]:
+    """Add ``task`` to :data:`TASKS` (usable as a class decorator); its config section, if any,
+    becomes the ``task.name.*`` keys of every config."""
+    if not task.name:
+        raise ValueError(f"task class {task.__name__} needs a name")
+    TASKS[task.name] = task
+    register_task_section(task.name, task.section)
+    return task
+
+
+def get_task(config: Config) -> Task:
+    """The task object for ``config.task``."""
+    if config.task not in TASKS:
+        raise TaskError(
+            f"config key 'task' must be one of {', '.join(TASKS)}; got {config.task!r}"
+        )
+    return TASKS[config.task](config)
+
+
+class PeriodicDrawing(L.Callback):
+    """Draws after a validation, on rank zero, at most every ``every`` steps (0: never)."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.last_step = None
+
+    def due(self, trainer) -> bool:
+        step = trainer.global_step
+        if (
+            trainer.sanity_checking
+            or not trainer.is_global_zero
+            or self.every <= 0
+            or (self.last_step is not None and step - self.last_step < self.every)
+        ):
+            return False
+        self.last_step = step
+        return True

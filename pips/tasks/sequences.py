@@ -1,0 +1,189 @@
+"""Task ``sequences``: sequences sampled from a GSSM preset (or read from .npz files) and
+:class:`~pips.models.sequence_ae.SequenceAutoencoder`, trained on the tokens' cross-entropy;
+validation reports token and whole-sequence accuracy. ``pips probe RUN --target NODE`` then asks
+how much of a hidden node's state the codes carry, against the Bayes-optimal posterior."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from pips.config import Config, SequenceConfig
+from pips.data.gssm import GSSM, load_sequences
+from pips.models.sequence_ae import SequenceAutoencoder
+from pips.tasks.base import Headline, ProbeData, TaskError, register_task
+from pips.tasks.probe import ProbeError, bayes_baselines, hidden_nodes, sequence_features, split
+from pips.tasks.tensors import TensorDataModule, TensorTask
+
+
+@dataclass
+class SequenceBatch:
+    tokens: torch.Tensor  # [B, T] long
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def elements(self) -> int:
+        return self.tokens.numel()
+
+
+def sequence_splits(config: Config) -> tuple[dict, dict, Any]:
+    """The training and validation sequences of a sequences run, and their GSSM (None when both
+    come from files). Sampled sequences are seeded: ``sequences.generator_seed`` fixes the
+    process, ``seed`` and ``seed + 1`` the training and validation draws."""
+    sequences = config.sequences
+    gssm = None
+    if sequences.train_file is None or sequences.val_file is None:
+        gssm = GSSM(sequences.preset, seed=sequences.generator_seed)
+
+    def take(file, count, seed):
+        if file is not None:
+            return load_sequences(file)
+        return gssm.sample(count, sequences.length, seed=seed)
+
+    train = take(sequences.train_file, sequences.train_sequences, 2 * config.seed + 1)
+    val = take(sequences.val_file, sequences.val_sequences, 2 * config.seed + 2)
+    return train, val, gssm
+
+
+class SequenceDataModule(TensorDataModule):
+    def collate(self, items) -> SequenceBatch:
+        return SequenceBatch(torch.stack([item[0] for item in items]))
+
+    def load(self):
+        train, val, self.gssm = sequence_splits(self.config)
+        train_tokens = torch.as_tensor(np.asarray(train["observations"]), dtype=torch.long)
+        val_tokens = torch.as_tensor(np.asarray(val["observations"]), dtype=torch.long)
+        vocab = int(max(train_tokens.max(), val_tokens.max())) + 1
+        if self.gssm is not None:
+            vocab = max(vocab, self.gssm.nodes[self.gssm.spec.observed].states)
+        self.sequence_shape = (vocab, max(train_tokens.shape[1], val_tokens.shape[1]))
+        return (train_tokens,), (val_tokens,)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.sequence_shape
+
+    def describe(self) -> str:
+        vocab, length = self.sequence_shape
+        source = self.config.sequences.train_file or self.config.sequences.preset
+        return (
+            f"training on {self.train_size} sequences ({source}, {length} tokens of {vocab}), "
+            f"validating on {self.val_size}"
+        )
+
+
+class SequenceQuality(Metric):
+    """Tokens right, whole sequences right and the token loss, summed over batches and ranks."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("correct", "tokens", "exact", "sequences"):
+            self.add_state(name, default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("loss_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, output, batch: SequenceBatch, loss: torch.Tensor) -> None:
+        right = output.token_logits.argmax(-1) == batch.tokens
+        self.correct += right.sum()
+        self.tokens += right.numel()
+        self.exact += right.all(-1).sum()
+        self.sequences += len(batch)
+        self.loss_sum += loss.detach().double() * right.numel()
+
+    def compute(self) -> dict[str, float]:
+        return {
+            "token_accuracy": float(self.correct) / max(float(self.tokens), 1.0),
+            "sequence_accuracy": float(self.exact) / max(float(self.sequences), 1.0),
+            "loss_tokens": float(self.loss_sum) / max(float(self.tokens), 1.0),
+        }
+
+
+@register_task
+class SequencesTask(TensorTask):
+    name = "sequences"
+    unit = "sequences"
+    section = SequenceConfig
+    headline = Headline("token_accuracy", "token acc", 3, "max")
+    summary_keys = ("token_accuracy", "sequence_accuracy", "codebook_perplexity", "bits_per_sequence")
+    progress_metrics = ("token_accuracy", "sequence_accuracy", "codebook_perplexity")
+    reconstruction_loss = "tokens"
+    curve_panels = [
+        ("loss", ["train/loss", "train/loss_tokens", "val/loss_tokens", "train/loss_quantizer"]),
+        ("accuracy", ["train/token_accuracy", "val/token_accuracy", "val/sequence_accuracy"]),
+    ]
+    data_class = SequenceDataModule
+    shape_key = "sequence_shape"
+
+    def new_model(self, shape) -> SequenceAutoencoder:
+        vocab, length = shape
+        return SequenceAutoencoder(self.config.model, int(vocab), int(length))
+
+    def inputs(self, batch: SequenceBatch) -> torch.Tensor:
+        return batch.tokens
+
+    def loss(self, output, batch: SequenceBatch) -> torch.Tensor:
+        logits = output.token_logits.float()
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            batch.tokens.reshape(-1),
+            label_smoothing=self.config.loss.label_smoothing,
+        )
+
+    def metric(self, **kwargs) -> SequenceQuality:
+        return SequenceQuality(**kwargs)
+
+    def train_logs(self, output, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        right = output.token_logits.argmax(-1) == batch.tokens
+        return {"train/token_accuracy": right.float().mean()}
+
+    def decode_codes(self, model, indices: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, T]`` (the argmax of the decoder's logits) from code indices."""
+        return model.decode_codes(indices, model.max_length).argmax(-1)
+
+    @property
+    def probe_targets(self) -> tuple[str, ...]:
+        _, val, _ = sequence_splits(self.config)
+        return tuple(hidden_nodes(val))
+
+    def probe(self, model, target, features, spec, count, layer) -> ProbeData:
+        """A hidden GSSM node's state at every position of the run's validation sequences
+        (regenerated from its config), split by sequence, beside the Bayes-optimal accuracy of
+        the true model."""
+        if spec is not None:
+            raise TaskError(
+                "--data picks ARC grids; a sequences run is probed on the validation sequences "
+                "of its own config: leave --data out"
+            )
+        _, data, gssm = sequence_splits(self.config)
+        nodes = hidden_nodes(data)
+        if target not in nodes:
+            raise ProbeError(
+                f"unknown hidden node {target!r}; these sequences record {', '.join(nodes) or 'none'}"
+            )
+        if count < 2:
+            raise ProbeError(f"max_sequences must be at least 2 (train and test); got {count}")
+        observations = np.asarray(data["observations"])[:count]
+        values = sequence_features(model, observations, features, layer=layer)
+        rows, codebook = values if isinstance(values, tuple) else (values, None)
+        states = np.asarray(data[f"hidden/{target}"])
+        length = states.shape[1]
+        used = len(rows) // length
+        train_sequences, test_sequences = split(used)
+        offsets = np.arange(length)
+        return ProbeData(
+            features=rows,
+            targets=states[:used].reshape(-1),
+            train=(train_sequences[:, None] * length + offsets).reshape(-1),
+            test=(test_sequences[:, None] * length + offsets).reshape(-1),
+            codebook=codebook,
+            note=f"validation sequences of {self.config.sequences.preset}",
+            baselines=bayes_baselines(data, target, gssm, test_sequences, used, length),
+        )

@@ -1,0 +1,301 @@
+"""What tasks whose items are fixed-shape tensors share (images, sequences, and any such task).
+
+- :class:`TensorDataModule`: training and validation tensors in memory, batched by PIPS's
+  stateful sampler (seeded per epoch, sharded per rank, resumable mid-epoch); validation is split
+  across ranks, each rank scoring its own share.
+- :class:`AutoencoderModule`: reconstruction loss + the quantizer's loss + the latent terms, and
+  validation through the task's metric and the shared code usage.
+- :class:`TensorTask`: evaluate / encode / decode / write on tensors, given three hooks of the
+  task (``inputs`` of a batch, the model's ``decode_codes``, the reconstruction loss).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.utils.data import DataLoader, TensorDataset
+
+from pips.data.loader import GridDataLoader
+from pips.data.sampler import BucketBatchSampler
+from pips.metrics import CodeUsage, code_metrics
+from pips.tasks.base import Items, Task, TaskError
+from pips.tasks.module import CodeModule
+
+
+class TensorDataModule(L.LightningDataModule):
+    """Train/validation tensors in memory (``train_items``, ``val_items``: tuples of tensors with
+    one row per item); the training order is drawn from the sampler's own seeded generator, so a
+    resumed run does not depend on torch's global random stream."""
+
+    def __init__(self, task: Task):
+        super().__init__()
+        self.task = task
+        self.config = task.config
+        self.train_items: tuple[torch.Tensor, ...] = ()
+        self.val_items: tuple[torch.Tensor, ...] = ()
+
+    def collate(self, items: list[tuple[torch.Tensor, ...]]):
+        """A batch from ``(tensor, ...)`` rows; the task's batch type."""
+        raise NotImplementedError
+
+    def load(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The training and validation tensors (before ``data.max_samples``)."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """What the model needs to know of the data (saved in the checkpoint)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_items:
+            return
+        train, self.val_items = self.load()
+        limit = self.config.data.max_samples
+        self.train_items = tuple(tensor[:limit] for tensor in train) if limit else train
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_items[0])
+
+    @property
+    def val_size(self) -> int:
+        return len(self.val_items[0])
+
+    def describe(self) -> str:
+        return f"training on {self.train_size} {self.task.unit}, validating on {self.val_size}"
+
+    def _loader(self, items, batch_size: int, shuffle: bool, limit: int | None = None, shard=True):
+        """Batches without size buckets: seeded per epoch and stateful (a run stopped mid-epoch
+        resumes with the next batch). Under DDP training batches are sharded by the sampler and
+        validation items split across ranks (rank r scores items r, r + world, ...)."""
+        if limit is not None:
+            items = tuple(tensor[:limit] for tensor in items)
+        trainer = getattr(self, "trainer", None)
+        distributed = shard and trainer is not None and trainer.world_size > 1
+        sharding = {}
+        if distributed and shuffle:
+            sharding = {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
+        elif distributed:
+            items = tuple(tensor[trainer.global_rank :: trainer.world_size] for tensor in items)
+        count = len(items[0])
+        sampler = BucketBatchSampler(
+            np.ones((count, 2), dtype=np.int64),
+            batch_size,
+            shuffle=shuffle,
+            seed=self.config.seed,
+            bucket=False,
+            drop_last=shuffle and count >= batch_size,
+            **sharding,
+        )
+        workers = self.config.data.num_workers if shuffle else 0
+        return GridDataLoader(
+            TensorDataset(*items),
+            batch_sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_items, self.config.data.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        data = self.config.data
+        return self._loader(self.val_items, data.val_batch_size, False, data.max_val_samples)
+
+    def final_dataloader(self) -> DataLoader:
+        """Every final validation item, unsharded (rank zero evaluates after training)."""
+        data = self.config.data
+        limit = data.max_final_val_samples
+        return self._loader(self.val_items, data.val_batch_size, False, limit, shard=False)
+
+
+class AutoencoderModule(CodeModule):
+    """Reconstruction loss plus the quantizer's loss and the latent terms; validation through the
+    task's metric (``task.metric``) and the code usage."""
+
+    def train_losses(self, batch, step: int, with_logs: bool = False):
+        values = self.schedule_values(step)
+        output = self(self.task.inputs(batch), **values)
+        reconstruction = self.task.loss(output, batch)
+        quantizer_loss = output.encoded.quantizer.loss
+        losses = {
+            "total": reconstruction + values["quantizer_weight"] * quantizer_loss,
+            self.task.reconstruction_loss: reconstruction,
+            "quantizer": quantizer_loss,
+        }
+        terms, clamped = self.add_latent_terms(output, losses, step, values)
+        if not with_logs:
+            return losses["total"], {}
+        logs = self.common_logs(output, losses, terms, clamped, values, step)
+        with torch.no_grad():
+            logs.update(self.task.train_logs(output, batch))
+        return losses["total"], logs
+
+    def new_metrics(self, **kwargs):
+        return self.task.metric(**kwargs)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        output = self(self.task.inputs(batch), **self.quantizer_values(self.global_step))
+        self.update_metrics(self.val_quality, self.val_codes, output, batch)
+
+    def update_metrics(self, quality, codes: CodeUsage, output, batch) -> None:
+        self.task.update_metrics(quality, codes, output, batch)
+
+
+class TensorTask(Task):
+    """A task whose items are rows of tensors; subclasses give the data module, the model, the
+    loss, the metric and how to turn a batch into model inputs."""
+
+    data_class: type[TensorDataModule] = TensorDataModule
+    module_class: type[AutoencoderModule] = AutoencoderModule
+    shape_key = "data_shape"  # the hyper-parameter that holds the data's shape
+
+    # ------------------------------------------------------------------- hooks
+    def new_model(self, shape: tuple[int, ...]) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def inputs(self, batch) -> torch.Tensor:
+        """The model's input tensor of a batch."""
+        raise NotImplementedError
+
+    def loss(self, output, batch) -> torch.Tensor:
+        """The reconstruction loss of a batch."""
+        raise NotImplementedError
+
+    def metric(self, **kwargs):
+        """A fresh validation metric (torchmetrics Metric) of this task."""
+        raise NotImplementedError
+
+    def train_logs(self, output, batch) -> dict[str, torch.Tensor]:
+        return {}
+
+    def decode_codes(self, model: torch.nn.Module, indices: torch.Tensor) -> torch.Tensor:
+        """Items ``[B, ...]`` from code indices ``[B, ...]``."""
+        return model.decode_codes(indices)
+
+    def reconstruct(self, output) -> torch.Tensor:
+        """The reconstructed items of a forward pass (what decode gives from the codes)."""
+        raise NotImplementedError
+
+    def update_metrics(self, quality, codes: CodeUsage, output, batch) -> None:
+        quality.update(output, batch, self.loss(output, batch))
+        codes.update(output.encoded.quantizer.indices, output.encoded.latent_padding)
+
+    # ------------------------------------------------------------------- the interface
+    def datamodule(self) -> TensorDataModule:
+        data = self.data_class(self)
+        data.setup("fit")
+        return data
+
+    def module(self, data: TensorDataModule) -> AutoencoderModule:
+        shape = data.shape
+        return self.module_class(
+            self,
+            self.new_model(shape),
+            data.train_size,
+            {self.shape_key: [int(v) for v in shape]},
+        )
+
+    def build_model(self, hyper_parameters: dict) -> torch.nn.Module:
+        if self.shape_key not in hyper_parameters:
+            raise TaskError(
+                f"the checkpoint does not record the data shape ({self.shape_key}) a "
+                f"{self.name} model is built for; it was not written by pips train"
+            )
+        return self.new_model(tuple(int(v) for v in hyper_parameters[self.shape_key]))
+
+    @torch.no_grad()
+    def evaluate(self, model, spec, device="cpu") -> tuple[dict[str, float], int, str]:
+        if spec is not None:
+            raise TaskError(
+                f"--data picks ARC grids; a {self.name} run is evaluated on the validation split "
+                f"of its own config ({self.name}.*): leave --data out"
+            )
+        data = self.datamodule()
+        loader = data.final_dataloader()
+        was_training = model.training
+        model.eval()
+        quality = self.metric(sync_on_compute=False)
+        codes = CodeUsage(model.quantizer.codebook_size, self.slotted, sync_on_compute=False)
+        quality, codes = quality.to(device), codes.to(device)
+        for batch in loader:
+            batch = move_data_to_device(batch, device)
+            self.update_metrics(quality, codes, model(self.inputs(batch)), batch)
+        model.train(was_training)
+        count = len(loader.dataset)
+        metrics = {**quality.compute(), **code_metrics(codes, self.unit)}
+        return metrics, count, f"{count} validation {self.unit}"
+
+    def items(self, spec: str | None, distinct: bool = True) -> Items:
+        if spec is not None:
+            raise TaskError(
+                f"--data picks ARC grids; a {self.name} run uses the validation split of its "
+                f"own config: leave --data out"
+            )
+        data = self.datamodule()
+        tensors = data.val_items[0]
+        limit = self.config.data.max_final_val_samples
+        tensors = tensors[:limit] if limit else tensors
+        index = np.arange(len(tensors), dtype=np.int64)
+        return Items(tensors, {"item_index": index}, f"{len(tensors)} validation {self.unit}")
+
+    @torch.no_grad()
+    def encode(self, model, items, batch_size: int = 256) -> list[np.ndarray]:
+        self.require_codes(model)
+        model.eval()
+        device = next(model.parameters()).device
+        tensors = torch.as_tensor(items)
+        out = []
+        for start in range(0, len(tensors), batch_size):
+            chunk = tensors[start : start + batch_size].to(device)
+            indices = model.encode(chunk).quantizer.indices  # [B, ...]
+            out.extend(indices.cpu().numpy())
+        return out
+
+    @torch.no_grad()
+    def decode(self, model, codes: list[np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
+        self.require_codes(model)
+        model.eval()
+        device = next(model.parameters()).device
+        arrays = [self.check_codes(model, np.asarray(c), f"item {i}") for i, c in enumerate(codes)]
+        out = []
+        for start in range(0, len(arrays), batch_size):
+            indices = torch.as_tensor(np.stack(arrays[start : start + batch_size])).to(device)
+            out.extend(self.decode_codes(model, indices.long()).cpu().numpy())
+        return out
+
+    def require_codes(self, model) -> None:
+        if model.quantizer.codebook_size < 2:
+            raise TaskError(
+                "this model has no quantizer (model.quantizer.kind=none), so its latents are "
+                "not codes; encode with a model trained with a discrete quantizer"
+            )
+
+    def check_codes(self, model, codes: np.ndarray, where: str) -> np.ndarray:
+        """Integer codes inside the codebook, or a :class:`TaskError` naming the problem."""
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise TaskError(f"{where}: codes must be integers; got {codes.dtype}")
+        size = model.quantizer.codebook_size
+        if codes.size and (codes.min() < 0 or codes.max() >= size):
+            bad = int(codes.min()) if codes.min() < 0 else int(codes.max())
+            raise TaskError(
+                f"{where}: code index {bad} is out of range; this model's codebook has {size} "
+                f"codes (0 to {size - 1})"
+            )
+        return codes
+
+    def write_items(self, items: list, metadata: dict[str, np.ndarray], out: Path) -> str:
+        out = Path(out)
+        if out.suffix != ".npz":
+            out = out.with_suffix(".npz")
+        arrays = np.stack([np.asarray(item) for item in items]) if items else np.zeros((0,))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out, items=arrays, **metadata)
+        return f"{len(items)} {self.unit} into {out}"
