@@ -81,8 +81,8 @@ def train(
 
     Fine-tune: pips train --from runs/quick model.quantizer.temperature=0.5 name=quick-cold
     """
-    from pips.training.checkpoints import CheckpointError
     from pips.training.callbacks import NonFiniteLoss
+    from pips.training.checkpoints import CheckpointError
     from pips.training.run import RunError
     from pips.training.run import train as run_train
 
@@ -404,12 +404,18 @@ def compare(
         typer.echo(json.dumps(rows, indent=2))
         return
     # each run's own headline metric, and the columns every run has a value for
-    shown = [("name", "run"), ("task", "task"), ("result", "final")] + [
+    columns = [
         column
         for column in COMPARE_COLUMNS[1:]
         if all(row.get(column[0]) is not None for row in rows)
     ]
-    _print_table(rows, shown)
+    keys = {key for key, _ in columns}
+    head = [("name", "run")]
+    if len({row["task"] for row in rows}) > 1:
+        head.append(("task", "task"))
+    if any(row["headline"] not in keys for row in rows):
+        head.append(("result", "final"))
+    _print_table(rows, head + columns)
 
 
 @app.command()

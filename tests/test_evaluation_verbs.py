@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pips.data import collate_grids, load_grids
-from pips.training.checkpoints import CheckpointError, load_model
 from pips.evaluation.codes import load_codes
+from pips.training.checkpoints import CheckpointError, load_model
 
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -168,7 +168,7 @@ def test_codes_out_of_range_are_refused_and_nothing_is_written(
     assert cli("encode", run_dir, "--data", task_folder, "--out", codes_path).exit_code == 0
     with np.load(codes_path) as data:
         files = {key: data[key] for key in data.files}
-    files["codes"][3, 0] = 999
+    files["codes"][3] = 999
     np.savez(codes_path, **files)
     result = cli("decode", run_dir, codes_path, "--out", tmp_path / "grids.json")
     assert result.exit_code == 2

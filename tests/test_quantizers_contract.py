@@ -17,7 +17,7 @@ SMALL_KWARGS = {
     "lfq": {"dim": DIM},
     "none": {"dim": DIM},
 }
-SCHEDULE_VALUES = {"temperature": 0.7, "hardness": 0.5, "noise_scale": 1.0, "mask_ratio": 0.3}
+SCHEDULE_VALUES = {"temperature": 0.7, "hardness": 0.5, "noise_scale": 1.0}
 
 
 def test_registry_names_every_kind():
@@ -31,7 +31,7 @@ def test_forward_contract_and_decoding(kind):
     torch.manual_seed(0)
     quantizer = QUANTIZERS[kind](**SMALL_KWARGS[kind])
     z = torch.randn(3, 5, DIM, requires_grad=True)
-    out = quantizer(z, **SCHEDULE_VALUES)  # unknown schedule values are ignored
+    out = quantizer(z, **SCHEDULE_VALUES)  # each uses the schedule values it knows
     assert isinstance(out, QuantizerOutput)
     assert out.quantized.shape == z.shape and out.loss.shape == ()
     (out.quantized.sum() + out.loss).backward()
@@ -86,3 +86,10 @@ def test_fused_straight_through_matches_the_two_line_reference():
         straight_through_with_commitment(inputs, codes)[0].sum(), inputs
     )
     torch.testing.assert_close(only_quantized, torch.ones(6, 5))
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL_KWARGS))
+def test_a_misspelled_schedule_value_is_refused_not_ignored(kind):
+    quantizer = QUANTIZERS[kind](**SMALL_KWARGS[kind])
+    with pytest.raises(TypeError, match="unknown schedule value.*temprature"):
+        quantizer(torch.randn(4, DIM), temprature=0.5)

@@ -110,7 +110,7 @@ def test_gumbel_quantizer_trains_all_parameters(estimator, head):
     torch.manual_seed(0)
     quantizer = GumbelQuantizer(8, 16, estimator=estimator, head=head)
     z = torch.randn(4, 5, 8, requires_grad=True)
-    out = quantizer(z, temperature=0.5, hardness=0.3, noise_scale=1.0, mask_ratio=0.1)
+    out = quantizer(z, temperature=0.5, hardness=0.3, noise_scale=1.0)
     assert out.quantized.shape == (4, 5, 8) and out.indices.shape == (4, 5)
     assert out.logits.shape == (4, 5, 16)
     assert {"perplexity", "used_codes"} <= set(out.stats)

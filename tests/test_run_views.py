@@ -14,7 +14,7 @@ import pytest
 
 from pips.config import load_config
 from pips.plots import read_metrics
-from pips.evaluation.report import SECTIONS
+from pips.tasks.grids import GRID_REPORT_SECTIONS as SECTIONS
 
 
 def test_runs_lists_finished_crashed_and_running_runs(tiny_run, tmp_path, cli):
@@ -100,7 +100,7 @@ def test_compare_puts_runs_side_by_side(tiny_run, cli, tmp_path):
 def test_report_is_one_html_file_with_every_section(tiny_run, tmp_path, cli):
     run_dir, _ = tiny_run
     out = tmp_path / "report.html"
-    result = cli("report", run_dir, "--out", out, "--grids", "48")
+    result = cli("report", run_dir, "--out", out)
     assert result.exit_code == 0, result.output
     page = out.read_text()
     for section in SECTIONS:

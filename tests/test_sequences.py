@@ -13,17 +13,17 @@ import torch.nn.functional as F
 
 from pips.config import load_config
 from pips.data.gssm import GSSM, GSSMError
+from pips.models.grid_dvae import Encoded
+from pips.models.sequence_ae import SequenceAEOutput, SequenceAutoencoder
+from pips.nn.rope import Rope1D, apply_rope_2d
+from pips.nn.transformer import Attention
+from pips.quantizers import Quantizer
 from pips.tasks.probe import (
     ProbeError,
     probe_hidden_state,
     probe_sequences,
     sequence_features,
 )
-from pips.models.grid_dvae import Encoded
-from pips.models.sequence_ae import SequenceAEOutput, SequenceAutoencoder
-from pips.nn.rope import Rope1D, apply_rope_2d
-from pips.nn.transformer import Attention
-from pips.quantizers import Quantizer
 
 HEAD_DIM = 16
 
@@ -257,7 +257,7 @@ def test_the_autoencoder_overfits_a_batch_of_gssm_sequences(layout, kind):
     tokens = torch.as_tensor(GSSM("gssm_sparse", seed=0).sample(8, 16, seed=1)["observations"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     first = None
-    for _ in range(200):
+    for _ in range(300 if kind == "gumbel" else 200):  # Gumbel noise: slower to settle
         out = model(tokens)
         loss = F.cross_entropy(out.token_logits.reshape(-1, 8), tokens.reshape(-1))
         first = loss.item() if first is None else first

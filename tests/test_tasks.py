@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pips.config import load_config
 
@@ -91,17 +92,30 @@ def test_pips_evaluate_reproduces_the_final_validation_of_an_images_run(image_ru
     assert metrics["mse"] == pytest.approx(summary["mse"], rel=1e-5)
 
 
-@pytest.mark.parametrize("verb", ["encode", "decode"])
-def test_grid_only_verbs_refuse_an_images_run_with_a_sentence(image_run, tmp_path, verb):
+def test_an_images_run_encodes_and_decodes_its_validation_images(image_run, tmp_path):
+    """encode then decode gives exactly the model's reconstructions from codes; the sheet too."""
+    import numpy as np
+
+    import pips
+
     run_dir, _ = image_run
-    if verb == "encode":
-        extra = ["--out", str(tmp_path / "codes.npz")]
-    else:
-        extra = [str(tmp_path / "codes.npz"), "--out", str(tmp_path / "grids.json")]
-    result = invoke(verb, str(run_dir), *extra)
-    assert result.exit_code == 2
-    assert "works on ARC grid runs" in result.output and "task images" in result.output
-    assert not list(tmp_path.iterdir())  # nothing written
+    codes = tmp_path / "codes.npz"
+    encoded = invoke("encode", str(run_dir), "--out", str(codes))
+    assert encoded.exit_code == 0 and "images" in encoded.output, encoded.output
+    decoded = invoke("decode", str(run_dir), str(codes), "--out", str(tmp_path / "images.npz"))
+    assert decoded.exit_code == 0, decoded.output
+    assert (tmp_path / "images.png").is_file()
+    with np.load(tmp_path / "images.npz") as data:
+        images = data["items"]
+    tok = pips.load(run_dir)
+    with np.load(codes) as data:
+        count = len(data["code_shapes"])
+    validation = tok.task.datamodule().val_items[0][:count]
+    with torch.no_grad():
+        expected = tok.model(validation).reconstruction.clamp(0, 1).numpy()
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    refused = invoke("encode", str(run_dir), "--out", str(codes), "--data", "arc1")
+    assert refused.exit_code == 2 and "--data picks ARC grids" in refused.output
 
 
 def test_pips_report_and_runs_show_images_and_sequences_runs(image_run, sequence_run, tmp_path):

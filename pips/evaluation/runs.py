@@ -108,6 +108,7 @@ def run_row(run_dir: Path) -> dict:
         "status": run_status(run_dir),
         "task": task,
         "result": None if value is None else f"{label} {value:.{digits}f}",
+        "headline": metric,
         "layout": model.get("layout"),
         "quantizer": quantizer.get("kind"),
         "steps": steps,

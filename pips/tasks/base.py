@@ -200,9 +200,7 @@ def register_task(task: type[Task]) -> type[Task]:
 def get_task(config: Config) -> Task:
     """The task object for ``config.task``."""
     if config.task not in TASKS:
-        raise TaskError(
-            f"config key 'task' must be one of {', '.join(TASKS)}; got {config.task!r}"
-        )
+        raise TaskError(f"config key 'task' must be one of {', '.join(TASKS)}; got {config.task!r}")
     return TASKS[config.task](config)
 
 

@@ -48,6 +48,15 @@ from pips.tasks.module import CodeModule
 from pips.tasks.probe import GRID_PROPERTIES, ProbeError, grid_features, split
 
 PACKAGE_SOURCES = ("arc1", "arc2")
+# the sections of a grid run's `pips report`, in order
+GRID_REPORT_SECTIONS = (
+    "Summary",
+    "Curves",
+    "Code usage",
+    "Best reconstructions",
+    "Worst reconstructions",
+    "Config",
+)
 
 
 class DataSpecError(TaskError):
@@ -152,7 +161,9 @@ class GridQuality(Metric):
         super().__init__(**kwargs)
         for name in ("cells_correct", "cells_total", "grids_exact", "sizes_correct", "grids"):
             self.add_state(name, default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("data_bits", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "data_bits", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def update(self, colours, sizes, batch: Batch) -> None:
         right = (colours == batch.tokens) & batch.grid_mask
@@ -164,7 +175,8 @@ class GridQuality(Metric):
         self.grids_exact += (size_right & (right_per_grid == cells_per_grid)).sum()
         self.grids += batch.tokens.shape[0]
         self.data_bits += sum(
-            grid_information_bits(grid) for grid in batch_to_grids(batch.tokens.cpu(), batch.shapes.cpu(), batch.canvas_width)
+            grid_information_bits(grid)
+            for grid in batch_to_grids(batch.tokens.cpu(), batch.shapes.cpu(), batch.canvas_width)
         )
 
     def compute(self) -> dict[str, float]:
@@ -331,9 +343,7 @@ def grid_records(config, spec: str | None, distinct: bool = True) -> tuple[list[
         exclude = load_grids(
             grids.source, grids.train_split, grids.val_fraction, config.data.max_samples
         )
-    records = load_grids(
-        source, split_name, grids.val_fraction, exclude=exclude, distinct=distinct
-    )
+    records = load_grids(source, split_name, grids.val_fraction, exclude=exclude, distinct=distinct)
     if not records:
         raise DataSpecError(f"--data {source}:{split_name} holds no grids")
     note = f"{len(records)} grids of {source}:{split_name}"
@@ -430,7 +440,9 @@ class GridsTask(Task):
 
     def probe(self, model, target, features, spec, count, layer) -> ProbeData:
         if layer is not None:
-            raise ProbeError("--layer picks a sequence encoder's layer; ARC grid probes use the codes")
+            raise ProbeError(
+                "--layer picks a sequence encoder's layer; ARC grid probes use the codes"
+            )
         if target not in GRID_PROPERTIES:
             raise ProbeError(
                 f"--target must be one of {', '.join(GRID_PROPERTIES)} for ARC grids; got {target!r}"
@@ -476,7 +488,9 @@ class GridsTask(Task):
         panel = "input | reconstruction | differing cells"
         return {
             "Code usage": facts + usage,
-            "Best reconstructions": reconstruction_panel(model, records, best[:shown], f"best: {panel}"),
+            "Best reconstructions": reconstruction_panel(
+                model, records, best[:shown], f"best: {panel}"
+            ),
             "Worst reconstructions": reconstruction_panel(
                 model, records, worst[:shown], f"worst: {panel}"
             ),

@@ -21,7 +21,6 @@ from pips.tasks.base import Headline, PeriodicDrawing, register_task
 from pips.tasks.tensors import TensorDataModule, TensorTask
 
 
-
 @dataclass
 class ImageBatch:
     images: torch.Tensor  # [B, C, H, W] float in [0, 1]
@@ -72,7 +71,9 @@ class ImageQuality(Metric):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         for name in ("squared_error", "elements", "psnr_sum", "loss_sum", "images"):
-            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+            )
 
     def update(self, output, batch: ImageBatch, loss: torch.Tensor) -> None:
         reconstruction = output.reconstruction.float().clamp(0, 1)
@@ -140,7 +141,9 @@ class ImagesTask(TensorTask):
         return ImageAutoencoder(self.config.model, self.config.images, int(channels), int(size))
 
     def model_description(self) -> str:
-        return f"{self.config.images.backbone} backbone, quantizer {self.config.model.quantizer.kind}"
+        return (
+            f"{self.config.images.backbone} backbone, quantizer {self.config.model.quantizer.kind}"
+        )
 
     def inputs(self, batch: ImageBatch) -> torch.Tensor:
         return batch.images
@@ -168,5 +171,3 @@ class ImagesTask(TensorTask):
             save_image_rows([images], sheet, title="decoded from codes")
             written += f" (and {sheet.name})"
         return written
-
-

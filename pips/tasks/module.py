@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import grad_norm
 
-from pips.config import DECOMPOSITION_TERMS, LOGIT_TERMS, Config, schedule_is_off, to_dict
+from pips.config import DECOMPOSITION_TERMS, LOGIT_TERMS, schedule_is_off, to_dict
 from pips.losses import (
     CodeUsageKL,
     SlotMarginalEMA,
@@ -344,5 +344,3 @@ class CodeModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-

@@ -88,7 +88,9 @@ class SequenceQuality(Metric):
         super().__init__(**kwargs)
         for name in ("correct", "tokens", "exact", "sequences"):
             self.add_state(name, default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("loss_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "loss_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def update(self, output, batch: SequenceBatch, loss: torch.Tensor) -> None:
         right = output.token_logits.argmax(-1) == batch.tokens
@@ -112,7 +114,12 @@ class SequencesTask(TensorTask):
     unit = "sequences"
     section = SequenceConfig
     headline = Headline("token_accuracy", "token acc", 3, "max")
-    summary_keys = ("token_accuracy", "sequence_accuracy", "codebook_perplexity", "bits_per_sequence")
+    summary_keys = (
+        "token_accuracy",
+        "sequence_accuracy",
+        "codebook_perplexity",
+        "bits_per_sequence",
+    )
     progress_metrics = ("token_accuracy", "sequence_accuracy", "codebook_perplexity")
     reconstruction_loss = "tokens"
     curve_panels = [

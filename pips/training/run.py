@@ -29,6 +29,7 @@ from pips.config import (
     save_config,
     schedule_is_off,
 )
+from pips.tasks import Task, TaskError, get_task
 from pips.training.callbacks import (
     CodebookMonitor,
     RunGuard,
@@ -42,7 +43,6 @@ from pips.training.checkpoints import (
     load_weights,
     read_checkpoint,
 )
-from pips.tasks import Task, TaskError, get_task
 from pips.training.loggers import RunCSVLogger
 from pips.training.profiling import LightProfiler, TorchProfiler
 
