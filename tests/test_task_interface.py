@@ -126,3 +126,13 @@ def test_a_run_folder_from_before_task_sections_evaluates_and_resumes(
     assert "grids:" in (copy / "config.yaml").read_text()  # rewritten in today's layout
     checkpoint = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 6
+
+
+def test_the_private_lightning_counter_the_run_guard_adjusts_still_exists():
+    """RunGuard saves a checkpoint inside a batch and counts the step into Lightning's logging
+    step by hand (fit_loop.epoch_loop._batches_that_stepped): pin that name, so a Lightning
+    release that renames it fails here, not in a resumed run's metrics."""
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert isinstance(trainer.fit_loop.epoch_loop._batches_that_stepped, int)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from tqdm.auto import tqdm
 
 from pips.plots import plot_code_usage, plot_curves, read_metrics
@@ -18,40 +20,25 @@ from pips.training.profiling import peak_memory_mb
 
 
 class TrainingProgress(L.Callback):
-    """Counts grids and training time (validation excluded), shows a step progress bar with
-    loss, cell accuracy and grids/s, and logs throughput at each logging step: grids/s and
-    cells/s of the step, seconds waiting for data versus computing, and peak memory."""
+    """Counts items and training time (validation excluded), prints a line after each
+    validation, and logs throughput at each logging step: items/s and cells (pixels, tokens)/s
+    of the step, seconds waiting for data versus computing, and peak memory. ``recent_rate`` and
+    ``recent_loss`` (smoothed over ~10 steps) feed the progress bar."""
 
-    def __init__(self, show_bar: bool = True, log_every: int = 0, elements=None):
+    def __init__(self, log_every: int = 0, elements=None):
         self.elements = elements or (lambda batch: float(batch.elements))  # cells, pixels...
-        self.show_bar = show_bar
         self.log_every = log_every
         self._last_end = None
         self._data_seconds = 0.0
-        self.bar = None
         self.grids = 0
         self.train_seconds = 0.0
         self._step_start = None
-        self._recent_rate = None
-        self._recent_loss = None
+        self.recent_rate: float | None = None
+        self.recent_loss: float | None = None
 
     @property
     def grids_per_second(self) -> float:
         return self.grids / self.train_seconds if self.train_seconds > 0 else 0.0
-
-    def on_train_start(self, trainer, module) -> None:
-        if self.show_bar and trainer.is_global_zero:
-            interactive = sys.stderr.isatty()
-            self.bar = tqdm(
-                total=trainer.max_steps,
-                initial=trainer.global_step,
-                desc="train",
-                unit="step",
-                dynamic_ncols=True,
-                mininterval=0.2 if interactive else 15.0,
-                file=sys.stderr,
-                leave=True,
-            )
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._step_start = time.perf_counter()
@@ -77,41 +64,86 @@ class TrainingProgress(L.Callback):
                 batch_size=len(batch),
             )
         rate = len(batch) / max(elapsed, 1e-9)
-        self._recent_rate = (
-            rate if self._recent_rate is None else 0.9 * self._recent_rate + 0.1 * rate
-        )
-        if self.bar is not None and outputs is not None:  # None: a skipped batch
-            self.bar.update(trainer.global_step - self.bar.n)
-            metrics = trainer.callback_metrics
+        self.recent_rate = rate if self.recent_rate is None else 0.9 * self.recent_rate + 0.1 * rate
+        if outputs is not None:  # None: a skipped batch
             loss = float(outputs["loss"])
-            self._recent_loss = (
-                loss if self._recent_loss is None else 0.9 * self._recent_loss + 0.1 * loss
+            self.recent_loss = (
+                loss if self.recent_loss is None else 0.9 * self.recent_loss + 0.1 * loss
             )
-            postfix = {"loss": f"{self._recent_loss:.3f}"}  # smoothed over ~10 steps
-            if "train/cell_accuracy" in metrics:
-                postfix["cell_acc"] = f"{float(metrics['train/cell_accuracy']):.3f}"
-            postfix["grids/s"] = f"{self._recent_rate:.0f}"
-            self.bar.set_postfix(postfix, refresh=False)
 
     def on_validation_end(self, trainer, module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
-        names = module.progress_metrics
         parts = []
-        for name in names:
+        for name in module.progress_metrics:
             value = float(metrics.get(f"val/{name}", float("nan")))
             if name == "codebook_perplexity":
                 parts.append(f"perplexity {value:.1f}")
             else:
                 parts.append(f"{name} {value:.4f}")
-        line = f"step {trainer.global_step}: val " + ", ".join(parts)
-        (self.bar.write if self.bar is not None else print)(line, file=sys.stderr)
+        tqdm.write(f"step {trainer.global_step}: val " + ", ".join(parts), file=sys.stderr)
 
-    def on_train_end(self, trainer, module) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar counting optimizer steps to ``trainer.max_steps`` across epochs (and
+    resumes), with the smoothed loss, the task's headline training metric and items/s; no
+    validation bar (a line is printed after each validation instead)."""
+
+    def __init__(self, throughput: TrainingProgress, metric: str, unit: str):
+        super().__init__(refresh_rate=1, leave=True)
+        self.throughput = throughput
+        self.metric = metric  # e.g. train/cell_accuracy
+        self.unit = unit
+
+    def init_train_tqdm(self, total: int | None = None, initial: int = 0) -> Tqdm:
+        interactive = sys.stderr.isatty()
+        return Tqdm(
+            total=total,
+            initial=initial,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.2 if interactive else 15.0,
+            file=sys.stderr,
+            leave=True,
+            disable=self.is_disabled,
+        )
+
+    def on_train_start(self, trainer, module) -> None:
+        self.train_progress_bar = self.init_train_tqdm(trainer.max_steps, trainer.global_step)
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        """One bar for the whole run: nothing restarts with an epoch."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        if bar is None or outputs is None:
+            return
+        bar.update(trainer.global_step - bar.n)
+        postfix = {}
+        if self.throughput.recent_loss is not None:
+            postfix["loss"] = f"{self.throughput.recent_loss:.3f}"
+        value = trainer.callback_metrics.get(self.metric)
+        if value is not None:
+            postfix[self.metric.split("/", 1)[1]] = f"{float(value):.3f}"
+        postfix[f"{self.unit}/s"] = f"{self.throughput.recent_rate or 0:.0f}"
+        bar.set_postfix(postfix, refresh=False)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        """The bar goes on into the next epoch."""
+
+    def on_validation_start(self, trainer, module) -> None:
+        """No validation bar."""
+
+    def on_validation_batch_start(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_end(self, trainer, module) -> None:
+        pass
 
 
 class CodebookMonitor(L.Callback):

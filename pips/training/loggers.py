@@ -1,39 +1,91 @@
-"""Loggers for the run folder: a CSV logger that keeps earlier rows when a run is resumed.
+"""``metrics.csv`` in the run folder: a Lightning logger that appends across resumes.
 
 Lightning's CSVLogger deletes an existing metrics.csv whenever its folder is not empty, which
-would erase a run's history on `pips resume`; this one appends under the existing header.
+would erase a run's history on `pips resume`. This logger implements Lightning's public
+``Logger`` interface itself: rows are kept until ``save``, then appended under the file's
+header; when a new metric appears, the file is rewritten once with the wider header.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
-
-class _AppendingWriter(ExperimentWriter):
-    def __init__(self, log_dir: str) -> None:
-        super().__init__(log_dir)
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as handle:
-                header = next(csv.reader(handle), [])
-            self.metrics_keys = list(header)
-
-    def _check_log_dir_exists(self) -> None:
-        """Keep metrics.csv: the folder holds the run's config and earlier rows on purpose."""
+import torch
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 
-class RunCSVLogger(CSVLogger):
-    """Writes ``metrics.csv`` straight into the run folder and appends across resumes."""
+class RunCSVLogger(Logger):
+    """Writes ``metrics.csv`` straight into the run folder (one row per logging call, a ``step``
+    column) and appends across resumes."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
-        super().__init__(save_dir=run_dir, name="", version="")
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        self.keys: list[str] = self._header()
 
     @property
-    def experiment(self) -> _AppendingWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+    def name(self) -> str:
+        return ""
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def root_dir(self) -> str:
+        return str(self.run_dir)
+
+    @property
+    def log_dir(self) -> str:
+        return str(self.run_dir)
+
+    def _header(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as handle:
+            return list(next(csv.reader(handle), []))
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args, **kwargs) -> None:
+        """The resolved config is the run's config.yaml; nothing more to write here."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        row = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        row["step"] = len(self.rows) if step is None else step
+        self.rows.append(row)
+
+    @rank_zero_only
+    def save(self) -> None:
+        if not self.rows:
+            return
+        new = sorted(set().union(*self.rows) - set(self.keys))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if new and self.path.is_file():  # a wider header: rewrite the earlier rows under it
+            self.keys = sorted(self.keys + new)
+            with open(self.path, newline="") as handle:
+                earlier = list(csv.DictReader(handle))
+            with open(self.path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.keys)
+                writer.writeheader()
+                writer.writerows(earlier)
+        elif new:
+            self.keys = sorted(self.keys + new)
+        exists = self.path.is_file()
+        with open(self.path, "a" if exists else "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.keys)
+            if not exists:
+                writer.writeheader()
+            writer.writerows(self.rows)
+        self.rows = []
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()

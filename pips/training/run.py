@@ -33,6 +33,7 @@ from pips.tasks import Task, TaskError, get_task
 from pips.training.callbacks import (
     CodebookMonitor,
     RunGuard,
+    StepProgressBar,
     TermCurves,
     TrainingProgress,
 )
@@ -153,6 +154,8 @@ def _build_trainer(
     ]
     if images is not None:
         callbacks.append(images)
+    if trainer_config.progress:
+        callbacks.append(StepProgressBar(progress, f"train/{task.headline.metric}", task.unit))
     if any(not schedule_is_off(getattr(config.loss, name)) for name in LOGIT_TERMS):
         callbacks.append(TermCurves(run_dir, trainer_config.image_every, task.reconstruction_loss))
     if trainer_config.ema_decay is not None:
@@ -191,7 +194,7 @@ def _build_trainer(
         use_distributed_sampler=False,  # the bucketed sampler shards itself (GridDataModule)
         deterministic=trainer_config.deterministic,
         detect_anomaly=trainer_config.debug,
-        enable_progress_bar=False,
+        enable_progress_bar=trainer_config.progress,
         enable_model_summary=False,
         callbacks=callbacks,
         logger=loggers,
@@ -288,9 +291,7 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
         raise RunError(str(error)) from None
     if config.trainer.compile:
         module.model.compile()  # in place: the saved weights keep their names
-    progress = TrainingProgress(
-        config.trainer.progress, config.trainer.log_every, task.batch_elements
-    )
+    progress = TrainingProgress(config.trainer.log_every, task.batch_elements)
     guard = RunGuard(
         run_dir / "checkpoints" / "last.ckpt",
         config.trainer.stop_signals,
