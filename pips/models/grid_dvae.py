@@ -39,6 +39,7 @@ from pips.nn.pooling import region_matrix, region_of
 from pips.nn.rope import Rope2D
 from pips.nn.transformer import Block, init_weights
 from pips.quantizers import QuantizerOutput
+from pips.quantizers.base import check_code_indices
 
 
 class Encoded(NamedTuple):
@@ -440,16 +441,7 @@ class GridDVAE(nn.Module):
                     f"{where}: a {array.shape[0]} x {array.shape[1]} board of patch codes does "
                     f"not describe a grid of at most {MAX_GRID_SIZE} x {MAX_GRID_SIZE} cells"
                 )
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"{where}: codes must be integers; got {array.dtype}")
-        size = self.quantizer.codebook_size
-        if array.size and (array.min() < 0 or array.max() >= size):
-            bad = int(array.min()) if array.min() < 0 else int(array.max())
-            raise ValueError(
-                f"{where}: code index {bad} is out of range; this model's codebook has {size} "
-                f"codes (0 to {size - 1})"
-            )
-        return array
+        return check_code_indices(array, self.quantizer.codebook_size, where)
 
     @torch.no_grad()
     def decode_codes(self, codes: list, batch_size: int = 128) -> list:

@@ -59,6 +59,22 @@ class Quantizer(nn.Module):
         return math.log2(self.codebook_size) if self.codebook_size > 1 else 0.0
 
 
+def check_code_indices(indices, codebook_size: int, where: str):
+    """``indices`` (a numpy array) as integer code indices inside a codebook of
+    ``codebook_size`` codes, or a ValueError that names the first bad one."""
+    import numpy as np
+
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"{where}: codes must be integers; got {indices.dtype}")
+    if indices.size and (indices.min() < 0 or indices.max() >= codebook_size):
+        bad = int(indices.min()) if indices.min() < 0 else int(indices.max())
+        raise ValueError(
+            f"{where}: code index {bad} is out of range; this model's codebook has "
+            f"{codebook_size} codes (0 to {codebook_size - 1})"
+        )
+    return indices
+
+
 def usage_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Tensor]:
     """Perplexity (2 ** entropy in bits) and number of distinct codes of a batch of indices.
 

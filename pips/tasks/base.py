@@ -151,12 +151,17 @@ class Task:
         reconstructs. Codes that do not fit the model raise :class:`TaskError`."""
         raise NotImplementedError
 
+    def require_codes(self, model: torch.nn.Module) -> None:
+        """encode / decode need a discrete quantizer."""
+        if model.quantizer.codebook_size < 2:
+            raise TaskError(
+                "this model has no quantizer (model.quantizer.kind=none), so its latents are "
+                "not codes; encode with a model trained with a discrete quantizer"
+            )
+
     def write_items(self, items: list, metadata: dict[str, np.ndarray], out: Path) -> str:
         """Write decoded items to ``out`` (grids: ARC task JSON); returns a description."""
-        arrays = [np.asarray(item) for item in items]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out, items=np.stack(arrays) if arrays else np.zeros((0,)))
-        return f"{len(arrays)} {self.unit}"
+        raise NotImplementedError
 
     def probe(
         self, model: torch.nn.Module, target: str, features: str, spec, count, layer

@@ -414,13 +414,6 @@ class GridsTask(Task):
         }
         return Items([r.grid for r in records], metadata, note)
 
-    def require_codes(self, model) -> None:
-        if model.quantizer.codebook_size < 2:
-            raise TaskError(
-                "this model has no quantizer (model.quantizer.kind=none), so its latents are "
-                "not codes; encode with a model trained with a discrete quantizer"
-            )
-
     def encode(self, model: GridDVAE, items) -> list[np.ndarray]:
         self.require_codes(model)
         return model.encode_grids(list(items))

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pips.data.loader import GridDataLoader
 from pips.data.sampler import BucketBatchSampler
 from pips.metrics import CodeUsage, code_metrics
+from pips.quantizers.base import check_code_indices
 from pips.tasks.base import Items, Task, TaskError
 from pips.tasks.module import CodeModule
 
@@ -271,25 +272,12 @@ class TensorTask(Task):
             out.extend(self.decode_codes(model, indices.long()).cpu().numpy())
         return out
 
-    def require_codes(self, model) -> None:
-        if model.quantizer.codebook_size < 2:
-            raise TaskError(
-                "this model has no quantizer (model.quantizer.kind=none), so its latents are "
-                "not codes; encode with a model trained with a discrete quantizer"
-            )
-
     def check_codes(self, model, codes: np.ndarray, where: str) -> np.ndarray:
         """Integer codes inside the codebook, or a :class:`TaskError` naming the problem."""
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise TaskError(f"{where}: codes must be integers; got {codes.dtype}")
-        size = model.quantizer.codebook_size
-        if codes.size and (codes.min() < 0 or codes.max() >= size):
-            bad = int(codes.min()) if codes.min() < 0 else int(codes.max())
-            raise TaskError(
-                f"{where}: code index {bad} is out of range; this model's codebook has {size} "
-                f"codes (0 to {size - 1})"
-            )
-        return codes
+        try:
+            return check_code_indices(codes, model.quantizer.codebook_size, where)
+        except ValueError as error:
+            raise TaskError(str(error)) from None
 
     def write_items(self, items: list, metadata: dict[str, np.ndarray], out: Path) -> str:
         out = Path(out)

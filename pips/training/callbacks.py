@@ -65,7 +65,7 @@ class TrainingProgress(L.Callback):
             )
         rate = len(batch) / max(elapsed, 1e-9)
         self.recent_rate = rate if self.recent_rate is None else 0.9 * self.recent_rate + 0.1 * rate
-        if outputs is not None:  # None: a skipped batch
+        if outputs and "loss" in outputs:  # empty: a skipped batch
             loss = float(outputs["loss"])
             self.recent_loss = (
                 loss if self.recent_loss is None else 0.9 * self.recent_loss + 0.1 * loss
@@ -118,7 +118,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         bar = self.train_progress_bar
-        if bar is None or outputs is None:
+        if bar is None or not outputs:  # empty: a skipped batch
             return
         bar.update(trainer.global_step - bar.n)
         postfix = {}
