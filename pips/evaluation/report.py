@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from pathlib import Path
 
@@ -19,7 +18,12 @@ import torch
 
 from pips.data.arc import spread_evenly
 from pips.data.batch import collate_grids
-from pips.evaluation.checkpoints import CheckpointError, find_checkpoint, load_model
+from pips.evaluation.checkpoints import (
+    CheckpointError,
+    find_checkpoint,
+    load_model,
+    read_json_file,
+)
 from pips.evaluation.commands import data_records
 from pips.evaluation.evaluate import predict, reconstruct
 from pips.evaluation.plots import plot_code_usage, plot_curves, read_metrics, save_reconstructions
@@ -147,7 +151,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
     pad_weight = config.loss.pad_weight
     row = run_row(run_dir)
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json_file(summary_path, "the run's final metrics")
 
     records = spread_evenly(data_records(loaded, None)[0], max_grids)
     accuracy, exact, code_rows = _score_grids(model, records, pad_weight)
@@ -260,7 +264,7 @@ def _write_task_report(run_dir: Path, loaded, out: str | Path | None) -> Path:
     config = loaded.config
     row = run_row(run_dir)
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json_file(summary_path, "the run's final metrics")
     model = (
         f"{config.images.backbone} backbone"
         if config.task == "images"
