@@ -9,6 +9,7 @@ with 128 + N, and the smaller edges. Real processes are started (and killed) whe
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,9 +65,12 @@ def _wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _one_sentence(result) -> str:
-    """The whole output of a refused command: one ``error:`` line, no traceback."""
+def _one_sentence(result, notes: bool = False) -> str:
+    """The whole output of a refused command: one ``error:`` line, no traceback (``notes``:
+    after ``note:`` lines, e.g. about a dead process's lock taken over)."""
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    if notes:
+        lines = [line for line in lines if not line.startswith("note: ")]
     assert result.exit_code == 2, result.output + repr(result.exception)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     return lines[0]
@@ -234,3 +239,153 @@ def test_a_resume_whose_model_does_not_fit_is_refused_before_writing(copy_run, c
     after = {p: p.read_bytes() for p in copy_run.rglob("*") if p.is_file()}
     assert after == before, "a refused resume changed the run folder"
     assert cli("resume", copy_run, "trainer.max_steps=32").exit_code == 0  # still resumable
+
+
+# ----------------------------------------------------------------------------- 5. task identity
+
+
+def test_tasks_with_the_same_file_name_in_two_folders_all_decode(
+    tiny_run, task_folder, tmp_path, cli
+):
+    data = tmp_path / "nested"
+    one = json.loads(next(iter(sorted(task_folder.glob("*.json")))).read_text())
+    for part in ("a", "b"):
+        (data / part).mkdir(parents=True)
+        (data / part / "t.json").write_text(json.dumps(one))
+    encoded = cli("encode", tiny_run[0], "--data", f"{data}:all", "--out", tmp_path / "codes.npz")
+    assert encoded.exit_code == 0, encoded.output
+    grids = 2 * sum(len(pair) for subset in ("train", "test") for pair in one.get(subset, []))
+    assert f"encoded {grids} grids" in encoded.output
+    decoded = cli("decode", tiny_run[0], tmp_path / "codes.npz", "--out", tmp_path / "grids.json")
+    assert decoded.exit_code == 0, decoded.output
+    assert f"decoded {grids} grids of 2 tasks" in decoded.output
+    tasks = json.loads((tmp_path / "grids.json").read_text())
+    assert sorted(tasks) == ["a/t", "b/t"]
+
+
+# ----------------------------------------------------------------------------- 6. NaN and numbers
+
+
+def test_a_huge_learning_rate_reaches_the_nan_guard(task_folder, tmp_path, cli):
+    result = cli("train", *_small(task_folder, tmp_path, "name=hot", "optim.lr.start=1e10"))
+    assert result.exit_code == 1, result.output + repr(result.exception)
+    assert "the training loss became nan" in result.output and "Traceback" not in result.output
+    status = json.loads((tmp_path / "hot" / "status.json").read_text())
+    assert status["status"] == "crashed" and "NonFiniteLoss" in status["error"]
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("optim.lr.start=.nan", "finite"),
+        ("optim.lr.start=.inf", "finite"),
+        ("optim.lr.start=-1", ">= 0"),
+        ("optim.lr.end=-1e-3", ">= 0"),
+        ("optim.grad_clip=.inf", "finite"),
+        ("loss.kl=.nan", "finite"),
+    ],
+)
+def test_non_finite_numbers_and_negative_rates_are_refused(tmp_path, cli, override, words):
+    line = _one_sentence(cli("train", TINY_CONFIG, f"run_root={tmp_path / 'runs'}", override))
+    assert override.split("=")[0].rsplit(".", 1)[0] in line and words in line
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- 7. codes files
+
+
+@pytest.fixture(scope="module")
+def codes_file(tiny_run, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from pips.cli import app
+
+    path = tmp_path_factory.mktemp("codes") / "codes.npz"
+    result = CliRunner().invoke(
+        app, ["encode", str(tiny_run[0]), "--out", str(path), "--data", "arc1:evaluation"]
+    )
+    assert result.exit_code == 0, result.output
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _huge_pair(files):
+    files["pair_indices"] = files["pair_indices"].copy()
+    files["pair_indices"][0] = 10**9
+
+
+CRAFTED_CODES = {
+    "huge pair index": (_huge_pair, "pair index 1000000000"),
+    "negative pair index": (lambda f: f["pair_indices"].__setitem__(0, -1), "pair index -1"),
+    "float code_shapes": (
+        lambda f: f.__setitem__("code_shapes", f["code_shapes"].astype(float)),
+        "integers",
+    ),
+    "1-D code_shapes": (
+        lambda f: f.__setitem__("code_shapes", f["code_shapes"][:, 0]),
+        "[grids, 3]",
+    ),
+    "unknown subset": (lambda f: f["subsets"].__setitem__(0, "dev"), "'dev'"),
+    "short metadata": (lambda f: f.__setitem__("roles", f["roles"][:-1]), "one entry per grid"),
+    "shapes disagree": (lambda f: f["code_shapes"].__setitem__((0, 0), 7), "describe"),
+    "float codes": (lambda f: f.__setitem__("codes", f["codes"].astype(float)), "integers"),
+    "1-D codes": (lambda f: f.__setitem__("codes", f["codes"].reshape(-1)), "[total, S]"),
+    "huge board": (lambda f: f["code_shapes"].__setitem__((0, 0), 10**6), "1 to 1024"),
+    "bad layout": (lambda f: f.__setitem__("layout", np.asarray("sideways")), "pooled or spatial"),
+    "numeric task ids": (
+        lambda f: f.__setitem__("task_ids", np.arange(len(f["task_ids"]))),
+        "strings",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_CODES))
+def test_a_crafted_codes_file_is_one_sentence(tiny_run, codes_file, tmp_path, cli, case):
+    change, words = CRAFTED_CODES[case]
+    files = {key: value.copy() for key, value in codes_file.items()}
+    change(files)
+    path = tmp_path / "crafted.npz"
+    np.savez(path, **files)
+    line = _one_sentence(cli("decode", tiny_run[0], path, "--out", tmp_path / "grids.json"))
+    assert "crafted.npz" in line and words in line, line
+    assert not (tmp_path / "grids.json").exists()
+
+
+# ----------------------------------------------------------------------------- 8. killed before a checkpoint
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(task_folder, tmp_path, cli):
+    run_dir = tmp_path / "early"
+    log = tmp_path / "early.log"
+    arguments = _small(
+        task_folder,
+        tmp_path,
+        "name=early",
+        "trainer.max_steps=100000",
+        "trainer.val_every=100000",
+        "trainer.log_every=1",
+    )
+    process = _start("train", *arguments, log=log)
+    try:
+        metrics = run_dir / "metrics.csv"
+        _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") > 2, what="steps")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    temporary = run_dir / "checkpoints" / ".last.ckpt.x1y2z3.tmp"  # what a killed save leaves
+    temporary.parent.mkdir(exist_ok=True)
+    temporary.write_bytes(b"half a checkpoint")
+    line = _one_sentence(cli("resume", run_dir), notes=True)
+    assert (
+        "stopped before its first checkpoint" in line
+        and f"pips train {run_dir}/config.yaml" in line
+    )
+    again = cli("train", run_dir / "config.yaml", "trainer.max_steps=2", "trainer.val_every=2")
+    assert again.exit_code == 0, again.output
+    assert "starting it again" in again.output
+    assert not temporary.exists(), "a stale temporary file survived the next start"
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == 2
+    with open(run_dir / "metrics.csv", newline="") as file:  # only the new run's rows
+        steps = [int(row["step"]) for row in csv.DictReader(file) if row.get("step")]
+    assert steps and max(steps) <= 2

@@ -188,7 +188,8 @@ def save_codes(
     records: Sequence[GridRecord],
     model: GridDVAE,
     checkpoint: str,
-) -> None:
+) -> Path:
+    """Write a codes file; returns its path (``.npz`` added, or ``codes.npz`` in a folder)."""
     shapes = []
     flat = []
     for array in codes:
@@ -197,7 +198,7 @@ def save_codes(
             array = array[None]  # [1, N, S]
         shapes.append(array.shape)
         flat.append(array.reshape(-1, array.shape[-1]))
-    path = Path(path)
+    path = output_file(path, "codes.npz", ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         path,
@@ -211,6 +212,7 @@ def save_codes(
         layout=np.asarray(model.config.layout),
         checkpoint=np.asarray(checkpoint),
     )
+    return path
 
 
 def load_codes(path: str | Path) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
@@ -223,19 +225,9 @@ def load_codes(path: str | Path) -> tuple[list[np.ndarray], dict[str, np.ndarray
             files = {key: data[key] for key in data.files}
     except (OSError, ValueError) as error:
         raise CodesError(f"{path} is not a codes file written by pips encode ({error})") from None
-    missing = {"codes", "code_shapes", "task_ids"} - set(files)
-    if missing:
-        raise CodesError(
-            f"{path} is not a codes file written by pips encode (it lacks "
-            f"{', '.join(sorted(missing))})"
-        )
+    validate_codes_file(files, path)
     flat, shapes = files["codes"], files["code_shapes"]
     counts = shapes[:, 0] * shapes[:, 1]
-    if counts.sum() != len(flat):
-        raise CodesError(
-            f"{path}: code_shapes describe {int(counts.sum())} codes but the file holds "
-            f"{len(flat)}; the file is damaged, encode again"
-        )
     starts = np.concatenate([[0], np.cumsum(counts)])
     arrays = []
     layout = str(files.get("layout", "spatial"))
@@ -245,6 +237,81 @@ def load_codes(path: str | Path) -> tuple[list[np.ndarray], dict[str, np.ndarray
             array = array[0]
         arrays.append(array if levels > 1 else array[..., 0])
     return arrays, files
+
+
+MAX_BOARD_SIDE = 1024  # rows or columns of one grid's codes; a real grid has at most 31
+SUBSETS = ("train", "test")
+ROLES = ("input", "output")
+
+
+def validate_codes_file(files: dict[str, np.ndarray], path: str | Path) -> None:
+    """Every array of a codes file checked (dtype, shape, range, agreement) before any is used, so
+    a damaged or crafted file is one :class:`CodesError` sentence, never a crash or an unbounded
+    allocation."""
+
+    def fail(problem: str) -> CodesError:
+        return CodesError(
+            f"{path} is not a valid codes file: {problem}; write it again with pips encode"
+        )
+
+    missing = {"codes", "code_shapes", "task_ids"} - set(files)
+    if missing:
+        raise CodesError(
+            f"{path} is not a codes file written by pips encode (it lacks "
+            f"{', '.join(sorted(missing))})"
+        )
+    flat, shapes = files["codes"], files["code_shapes"]
+    for name, array in (("codes", flat), ("code_shapes", shapes)):
+        if not np.issubdtype(array.dtype, np.integer):
+            raise fail(f"{name} must hold integers; it holds {array.dtype}")
+    if flat.ndim != 2 or flat.shape[1] < 1:
+        raise fail(f"codes must be a [total, S] array; it has shape {flat.shape}")
+    if shapes.ndim != 2 or shapes.shape[1] != 3:
+        raise fail(
+            f"code_shapes must be a [grids, 3] array (rows, cols, S); it has shape {shapes.shape}"
+        )
+    if shapes.size and (shapes.min() < 1 or shapes[:, :2].max() > MAX_BOARD_SIDE):
+        raise fail(f"code_shapes must hold rows and columns from 1 to {MAX_BOARD_SIDE} and S >= 1")
+    if shapes.size and (shapes[:, 2] != flat.shape[1]).any():
+        raise fail(f"code_shapes give S other than the {flat.shape[1]} indices per code of codes")
+    total = int(shapes[:, 0].astype(np.int64) @ shapes[:, 1].astype(np.int64)) if shapes.size else 0
+    if total != len(flat):
+        raise fail(f"code_shapes describe {total} codes but the file holds {len(flat)}")
+    grids = len(shapes)
+    layout = files.get("layout")
+    if layout is not None and (layout.ndim != 0 or str(layout) not in ("pooled", "spatial")):
+        raise fail(f"layout must be pooled or spatial; got {layout!r}")
+    if layout is not None and str(layout) == "pooled" and shapes.size and (shapes[:, 0] != 1).any():
+        raise fail("pooled codes have rows = 1 in code_shapes")
+    for name in ("task_ids", "subsets", "roles", "pair_indices"):
+        if name not in files:
+            continue
+        array = files[name]
+        if array.ndim != 1 or len(array) != grids:
+            raise fail(f"{name} must have one entry per grid ({grids}); it has shape {array.shape}")
+    for name, allowed in (("subsets", SUBSETS), ("roles", ROLES)):
+        if name in files:
+            unknown = sorted(set(map(str, files[name])) - set(allowed))
+            if unknown:
+                raise fail(f"{name} must be {' or '.join(allowed)}; got {unknown[0]!r}")
+    if "pair_indices" in files:
+        pairs = files["pair_indices"]
+        if not np.issubdtype(pairs.dtype, np.integer):
+            raise fail(f"pair_indices must hold integers; it holds {pairs.dtype}")
+        if pairs.size and (pairs.min() < 0 or pairs.max() >= max(grids, 1)):
+            bad = int(pairs.min()) if pairs.min() < 0 else int(pairs.max())
+            raise fail(f"pair index {bad} is outside 0 to {grids - 1} (the file has {grids} grids)")
+    if files["task_ids"].dtype.kind not in "US":
+        raise fail(f"task_ids must be strings; they are {files['task_ids'].dtype}")
+
+
+def output_file(out: str | Path, default_name: str, suffix: str) -> Path:
+    """Where a verb writes: ``out`` itself, ``out/default_name`` when ``out`` is a folder, with
+    ``suffix`` added when ``out`` lacks it (so the printed path is the file written)."""
+    out = Path(out)
+    if out.is_dir():
+        return out / default_name
+    return out if out.suffix == suffix else out.with_name(out.name + suffix)
 
 
 def grids_to_arc_json(
@@ -263,7 +330,7 @@ def grids_to_arc_json(
         while len(pairs) <= pair:
             pairs.append({})
         pairs[pair][role] = grid.tolist()
-    path = Path(path)
+    path = output_file(path, "grids.json", ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(tasks))
     return len(tasks)

@@ -21,6 +21,7 @@ from pips.evaluation.codes import (
     encode_grids,
     grids_to_arc_json,
     load_codes,
+    output_file,
     save_codes,
 )
 from pips.evaluation.evaluate import evaluate
@@ -148,12 +149,12 @@ def encode_to_file(
     records, note = data_records(loaded, spec, distinct=False)
     with torch.no_grad():
         codes = encode_grids(loaded.model, [r.grid for r in records])
-    save_codes(out, codes, records, loaded.model, str(loaded.checkpoint))
+    written = save_codes(out, codes, records, loaded.model, str(loaded.checkpoint))
     return {
         "checkpoint": str(loaded.checkpoint),
         "data": note,
         "grids": len(records),
-        "out": str(out),
+        "out": str(written),
     }
 
 
@@ -170,7 +171,7 @@ def decode_to_file(
         "checkpoint": str(loaded.checkpoint),
         "grids": len(grids),
         "tasks": tasks,
-        "out": str(out),
+        "out": str(output_file(out, "grids.json", ".json")),
     }
 
 

@@ -176,6 +176,7 @@ class CodebookMonitor(L.Callback):
         # slotted: one row per (slot, level) [B, N*S]; else one per level over positions [M, S]
         codes = indices.flatten(1) if self.slotted else indices[keep]
         rows = codes.shape[1]
+        codes = codes.clamp(0, size - 1)  # garbage indices of non-finite latents: the guard stops
         ids = codes + torch.arange(rows, device=codes.device) * size
         counts = torch.bincount(ids.reshape(-1), minlength=rows * size).view(rows, size)
         counts = counts.double().cpu()

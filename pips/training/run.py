@@ -426,7 +426,7 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(module.state_dict(), folder / f"rank{trainer.global_rank}_weights.pt")
 
-    if guard.stopped_at is not None or trainer.interrupted:
+    if guard.stopped_at is not None or trainer.interrupted or guard.requested:
         why = guard.requested or ("trainer.stop_at_step" if guard.stopped_at else "interrupt")
         print(
             f"stopped at step {trainer.global_step} ({why}); last.ckpt is saved: continue with "
