@@ -389,3 +389,268 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(task_fold
     with open(run_dir / "metrics.csv", newline="") as file:  # only the new run's rows
         steps = [int(row["step"]) for row in csv.DictReader(file) if row.get("step")]
     assert steps and max(steps) <= 2
+
+
+# ----------------------------------------------------------------------------- 9. bad data and places
+
+
+def _task(grid) -> bytes:
+    return json.dumps({"train": [{"input": grid, "output": [[1]]}]}).encode()
+
+
+MALFORMED_TASKS = {
+    "colour 11": _task([[11]]),
+    "colour -1": _task([[-1]]),
+    "a float cell": _task([[1.5]]),
+    "a string cell": _task([["3"]]),
+    "a boolean cell": _task([[True]]),
+    "a null cell": _task([[None]]),
+    "nested lists": _task([[[1]]]),
+    "10^30": b'{"train": [{"input": [[1000000000000000000000000000000]], "output": [[1]]}]}',
+    "ragged rows": _task([[1, 2], [3]]),
+    "31x31": _task([[0] * 31] * 31),
+    "an empty grid": _task([]),
+    "an empty row": _task([[]]),
+    "a row that is a number": _task([1, 2]),
+    "a grid that is a string": _task("1"),
+    "truncated JSON": b'{"train": [{"input": [[1',
+    "not JSON": b"hello, world",
+    "an empty file": b"",
+    "a list at top level": b"[1, 2, 3]",
+    "no train": b'{"test": []}',
+    "train is not a list": b'{"train": {}}',
+    "a pair that is a list": b'{"train": [[[1]]]}',
+    "a pair without output": b'{"train": [{"input": [[1]]}]}',
+    "test is not a list": b'{"train": [], "test": 5}',
+    "Latin-1 bytes": b'{"train": [], "name": "caf\xe9"}',
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_TASKS))
+def test_malformed_data_is_one_sentence_before_a_run_folder(task_folder, tmp_path, cli, case):
+    data = tmp_path / "data"
+    shutil.copytree(task_folder, data)
+    (data / "bad.json").write_bytes(MALFORMED_TASKS[case])
+    run_root = tmp_path / "runs"
+    line = _one_sentence(cli("train", *_small(data, run_root, "name=x")))
+    assert "bad.json" in line
+    assert not run_root.exists(), "a run folder was made for data that cannot be read"
+
+
+def test_a_utf8_bom_is_read_not_refused(task_folder, tmp_path):
+    from pips.data.arc import load_grids
+
+    data = tmp_path / "bom"
+    data.mkdir()
+    (data / "t.json").write_bytes(b"\xef\xbb\xbf" + _task([[1, 2]]))
+    assert [r.grid.tolist() for r in load_grids(str(data), "all")] == [[[1, 2]], [[1]]]
+
+
+def _one_task(task_folder, tmp_path) -> Path:
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(next(iter(sorted(task_folder.glob("*.json")))), folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("zero tasks", "holds no .json files"),
+        ("one task", "split holds no grids"),
+        ("a missing folder", "does not exist"),
+        ("a file as run_root", "is a file, not a folder"),
+        ("an unwritable run_root", "cannot create the run folder"),
+        ("seed=-1", "'seed' must be >= 0"),
+        ("trainer.accelerator=gpu", "no CUDA GPU"),
+        ("data.source=arc3", "unknown ARC source 'arc3'"),
+        ("name=../../x", "must be one folder name inside run_root"),
+        ("name=/abs", "must be one folder name inside run_root"),
+        ("a truncated --from", "truncated or corrupt"),
+    ],
+)
+def test_bad_places_and_settings_are_one_sentence(task_folder, tmp_path, cli, case, words):
+    if case == "trainer.accelerator=gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    run_root = tmp_path / "runs"
+    extra = {"seed=-1": ["seed=-1"], "trainer.accelerator=gpu": ["trainer.accelerator=gpu"]}
+    extra |= {"name=../../x": ["name=../../x"], "name=/abs": ["name=/abs"]}
+    extra |= {"data.source=arc3": ["data.source=arc3"]}
+    data, before = task_folder, []
+    if case == "zero tasks":
+        data = tmp_path / "empty"
+        data.mkdir()
+    elif case == "one task":
+        data = _one_task(task_folder, tmp_path)
+    elif case == "a missing folder":
+        data = tmp_path / "nowhere"
+    elif case == "a file as run_root":
+        run_root = tmp_path / "file"
+        run_root.write_text("not a folder")
+    elif case == "an unwritable run_root":
+        run_root = Path("/proc/pips-runs")  # not even root can write here
+    elif case == "a truncated --from":
+        truncated = tmp_path / "half.ckpt"
+        truncated.write_bytes(b"PK\x03\x04 half a zip")
+        before = ["--from", truncated]
+    arguments = _small(data, run_root, "name=x", *extra.get(case, []))
+    line = _one_sentence(cli("train", *before, *arguments))
+    assert words in line, line
+    assert not (run_root / "x").exists() and not (tmp_path / "x").exists()
+
+
+def test_evaluate_on_a_bad_folder_is_one_sentence(tiny_run, tmp_path, cli):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "bad.json").write_bytes(MALFORMED_TASKS["colour 11"])
+    line = _one_sentence(cli("evaluate", tiny_run[0], "--data", data))
+    assert "bad.json" in line and "colour 11" in line
+
+
+def test_a_full_disk_is_a_sentence_and_keeps_the_earlier_checkpoint(
+    task_folder, tmp_path, cli, monkeypatch
+):
+    import errno
+
+    from pips.training import checkpoint_io
+
+    real = checkpoint_io.atomic_torch_save
+    calls = {"n": 0}
+
+    def save(obj, path):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(obj, path)
+
+    monkeypatch.setattr(checkpoint_io, "atomic_torch_save", save)
+    result = cli(
+        "train",
+        *_small(task_folder, tmp_path, "name=full", "trainer.max_steps=6", "trainer.val_every=2"),
+    )
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    last = result.output.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: the run stopped: No space left on device") and "pips resume" in last
+    )
+    assert "Traceback" not in result.output
+    assert _step(tmp_path / "full" / "checkpoints" / "best-step2.ckpt") == 2  # survived
+
+
+# ----------------------------------------------------------------------------- 10. signals
+
+
+def _status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def test_sigterm_during_the_final_evaluation_stops_the_run_with_143(tmp_path):
+    # arc1's evaluation split (3,500 grids) makes the final evaluation last a few seconds
+    run_dir = tmp_path / "final"
+    arguments = [TINY_CONFIG, f"run_root={tmp_path}", "name=final", "trainer.max_steps=2"]
+    arguments += ["trainer.val_every=2", "trainer.image_every=0", "trainer.progress=false"]
+    log = tmp_path / "final.log"
+    process = _start("train", *arguments, "trainer.threads=1", log=log)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        _wait_for(lambda: last.is_file() and _step(last) == 2, what="the end of training")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 143, log.read_text()
+    finally:
+        process.kill()
+    output = log.read_text()
+    assert "SIGTERM: stopped during the final evaluation" in output and "pips resume" in output
+    assert _status(run_dir)["status"] == "interrupted" and _status(run_dir)["signal"] == "SIGTERM"
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_sigterm_before_training_starts_is_an_interrupted_run(tmp_path):
+    run_dir = tmp_path / "early"
+    arguments = [TINY_CONFIG, f"run_root={tmp_path}", "name=early", "trainer.progress=false"]
+    log = tmp_path / "early.log"
+    process = _start("train", *arguments, log=log)
+    try:  # status.json says running while arc1 is still being read: no handler of RunGuard yet
+        _wait_for(lambda: (run_dir / "status.json").is_file(), what="the run to start")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 143, log.read_text()
+    finally:
+        process.kill()
+    assert _status(run_dir)["status"] == "interrupted"
+    assert "SIGTERM: stopped" in log.read_text()
+    assert not (run_dir / ".lock").exists()
+
+
+def test_a_double_ctrl_c_exits_130_as_interrupted_with_the_resume_line(task_folder, tmp_path):
+    run_dir = tmp_path / "cc"
+    arguments = _small(
+        task_folder, tmp_path, "name=cc", "trainer.max_steps=100000", "trainer.log_every=1"
+    )
+    log = tmp_path / "cc.log"
+    process = _start("train", *arguments, log=log)
+    try:
+        metrics = run_dir / "metrics.csv"
+        _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") > 2, what="steps")
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()
+    finally:
+        process.kill()
+    output = log.read_text()
+    assert "pips resume" in output or "pips train" in output
+    assert "Traceback" not in output
+    assert _status(run_dir)["status"] == "interrupted"
+
+
+# ----------------------------------------------------------------------------- 11. smaller edges
+
+
+def test_the_slurm_script_passes_an_override_with_spaces_as_one_argument(tmp_path, cli):
+    override = "optim.lr={kind: cosine, start: 1e-3}"
+    out = tmp_path / "launch"
+    result = cli("launch", TINY_CONFIG, override, "--slurm", "--out", out, "--dry-run")
+    assert result.exit_code == 0, result.output
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (fake / "srun").chmod(0o755)
+    env = {**ENV, "PATH": f"{fake}:{os.environ['PATH']}", "SRUN_ARGS": str(tmp_path / "args")}
+    ran = subprocess.run(
+        ["bash", str(out / "job.sbatch")], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert ran.returncode == 0, ran.stderr
+    arguments = (tmp_path / "args").read_text().splitlines()
+    assert override in arguments, arguments
+
+
+def test_encode_and_decode_write_into_a_folder_and_print_the_file(
+    tiny_run, task_folder, tmp_path, cli
+):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    encoded = cli("encode", tiny_run[0], "--data", task_folder, "--out", folder)
+    assert encoded.exit_code == 0 and str(folder / "codes.npz") in encoded.output
+    bare = cli("encode", tiny_run[0], "--data", task_folder, "--out", tmp_path / "codes")
+    assert bare.exit_code == 0 and str(tmp_path / "codes.npz") in bare.output
+    assert (tmp_path / "codes.npz").is_file()
+    decoded = cli("decode", tiny_run[0], folder / "codes.npz", "--out", folder)
+    assert decoded.exit_code == 0, decoded.output
+    assert str(folder / "grids.json") in decoded.output and (folder / "grids.json").is_file()
+
+
+def test_report_on_a_truncated_summary_is_one_sentence(copy_run, cli):
+    (copy_run / "summary.json").write_text('{"steps": 3')
+    line = _one_sentence(cli("report", copy_run))
+    assert "summary.json" in line and "damaged" in line
+
+
+def test_wall_seconds_count_the_time_before_an_interruption(task_folder, tmp_path, cli):
+    common = _small(task_folder, tmp_path, "name=w", "trainer.max_steps=4", "trainer.val_every=2")
+    stopped = cli("train", *common, "trainer.stop_at_step=2")
+    assert stopped.exit_code == 0, stopped.output  # a planned stop is not a failure
+    first = _status(tmp_path / "w")["wall_seconds"]
+    assert first > 0
+    resumed = cli("resume", tmp_path / "w", "trainer.stop_at_step=null")
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert summary["wall_seconds"] > first
+    assert _status(tmp_path / "w")["wall_seconds"] >= summary["wall_seconds"]
