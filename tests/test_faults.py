@@ -65,6 +65,23 @@ def _wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _train_then_signal(arguments, log: Path, ready, what: str, *signals) -> int:
+    """Start ``pips train ARGUMENTS``, wait until ``ready()``, send ``signals``; its exit status."""
+    process = _start("train", *arguments, log=log)
+    try:
+        _wait_for(ready, what=what)
+        for number in signals:
+            process.send_signal(number)
+        return process.wait(timeout=120)
+    finally:
+        process.kill()
+
+
+def _logged_steps(metrics: Path):
+    """A condition: the run has logged a few training steps to ``metrics``."""
+    return lambda: metrics.is_file() and metrics.read_text().count("\n") > 2
+
+
 def _one_sentence(result, notes: bool = False) -> str:
     """The whole output of a refused command: one ``error:`` line, no traceback (``notes``:
     after ``note:`` lines, e.g. about a dead process's lock taken over)."""
@@ -211,13 +228,8 @@ def test_sigkill_after_non_improving_validations_keeps_the_latest_validation(
         "trainer.val_every=2",
     )
     log = tmp_path / "killed.log"
-    process = _start("train", *arguments, log=log)
-    try:
-        _wait_for(lambda: "step 8: val" in log.read_text(), what="four validations")
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        process.kill()
+    four = lambda: "step 8: val" in log.read_text()  # noqa: E731
+    _train_then_signal(arguments, log, four, "four validations", signal.SIGKILL)
     folder = run_dir / "checkpoints"
     assert [p.name for p in folder.glob("best*.ckpt")] == ["best-step2.ckpt"]  # never improved
     assert _step(folder / "last.ckpt") >= 6, "last.ckpt is older than the last validations"
@@ -365,14 +377,9 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(task_fold
         "trainer.val_every=100000",
         "trainer.log_every=1",
     )
-    process = _start("train", *arguments, log=log)
-    try:
-        metrics = run_dir / "metrics.csv"
-        _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") > 2, what="steps")
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        process.kill()
+    _train_then_signal(
+        arguments, log, _logged_steps(run_dir / "metrics.csv"), "steps", signal.SIGKILL
+    )
     temporary = run_dir / "checkpoints" / ".last.ckpt.x1y2z3.tmp"  # what a killed save leaves
     temporary.parent.mkdir(exist_ok=True)
     temporary.write_bytes(b"half a checkpoint")
@@ -550,14 +557,10 @@ def test_sigterm_during_the_final_evaluation_stops_the_run_with_143(tmp_path):
     arguments = [TINY_CONFIG, f"run_root={tmp_path}", "name=final", "trainer.max_steps=2"]
     arguments += ["trainer.val_every=2", "trainer.image_every=0", "trainer.progress=false"]
     log = tmp_path / "final.log"
-    process = _start("train", *arguments, "trainer.threads=1", log=log)
     last = run_dir / "checkpoints" / "last.ckpt"
-    try:
-        _wait_for(lambda: last.is_file() and _step(last) == 2, what="the end of training")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 143, log.read_text()
-    finally:
-        process.kill()
+    ended = lambda: last.is_file() and _step(last) == 2  # noqa: E731
+    code = _train_then_signal(arguments, log, ended, "the end of training", signal.SIGTERM)
+    assert code == 143, log.read_text()
     output = log.read_text()
     assert "SIGTERM: stopped during the final evaluation" in output and "pips resume" in output
     assert _status(run_dir)["status"] == "interrupted" and _status(run_dir)["signal"] == "SIGTERM"
@@ -568,13 +571,10 @@ def test_sigterm_before_training_starts_is_an_interrupted_run(tmp_path):
     run_dir = tmp_path / "early"
     arguments = [TINY_CONFIG, f"run_root={tmp_path}", "name=early", "trainer.progress=false"]
     log = tmp_path / "early.log"
-    process = _start("train", *arguments, log=log)
-    try:  # status.json says running while arc1 is still being read: no handler of RunGuard yet
-        _wait_for(lambda: (run_dir / "status.json").is_file(), what="the run to start")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 143, log.read_text()
-    finally:
-        process.kill()
+    # status.json says running while arc1 is still being read: no handler of RunGuard yet
+    started = (run_dir / "status.json").is_file
+    code = _train_then_signal(arguments, log, started, "the run to start", signal.SIGTERM)
+    assert code == 143, log.read_text()
     assert _status(run_dir)["status"] == "interrupted"
     assert "SIGTERM: stopped" in log.read_text()
     assert not (run_dir / ".lock").exists()
@@ -586,15 +586,9 @@ def test_a_double_ctrl_c_exits_130_as_interrupted_with_the_resume_line(task_fold
         task_folder, tmp_path, "name=cc", "trainer.max_steps=100000", "trainer.log_every=1"
     )
     log = tmp_path / "cc.log"
-    process = _start("train", *arguments, log=log)
-    try:
-        metrics = run_dir / "metrics.csv"
-        _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") > 2, what="steps")
-        process.send_signal(signal.SIGINT)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) == 130, log.read_text()
-    finally:
-        process.kill()
+    stepping = _logged_steps(run_dir / "metrics.csv")
+    code = _train_then_signal(arguments, log, stepping, "steps", signal.SIGINT, signal.SIGINT)
+    assert code == 130, log.read_text()
     output = log.read_text()
     assert "pips resume" in output or "pips train" in output
     assert "Traceback" not in output
