@@ -24,7 +24,7 @@ import torch
 
 from pips.config import load_config
 from pips.data import GridAugmenter, load_grids, make_dataloader
-from pips.training.module import GridDVAEModule
+from pips.tasks.grids import GridDVAEModule
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "arc_demo.yaml"
 
@@ -112,8 +112,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     config = load_config(args.config, args.overrides)
-    data = config.data
-    batch_size = args.batch_size or data.batch_size
+    data = config.grids
+    batch_size = args.batch_size or config.data.batch_size
     torch.manual_seed(config.seed)
     records = load_grids("arc1", "training")
     augmenter = GridAugmenter(data.colour_permutation, data.keep_black, data.dihedral)
@@ -134,7 +134,7 @@ def main() -> None:
         Mode("bucketed", loader(bucket=True, pad_to_max=False)),
         Mode("padded 30x30", loader(bucket=False, pad_to_max=True)),
     ]
-    module = GridDVAEModule(config).to(device).train()
+    module = GridDVAEModule.from_config(config).to(device).train()
     optimizer = torch.optim.AdamW(
         module.parameters(), lr=1e-4, weight_decay=config.optim.weight_decay
     )

@@ -52,8 +52,12 @@ def _report(run_dir: Path, summary: dict) -> None:
         return
     typer.echo(f"run folder: {run_dir}")
     if summary.get("status") == "interrupted":
-        typer.echo(f"stopped at step {summary['steps']}: continue with pips resume {run_dir}")
-        return
+        from pips.training.signals import exit_status
+
+        step = summary.get("steps")
+        where = f"stopped at step {step}" if step is not None else "stopped before a checkpoint"
+        typer.echo(f"{where}: continue with pips resume {run_dir}")
+        raise typer.Exit(exit_status(summary.get("signal")))  # 128 + N for signal N, as shells
     # the task's headline metrics, steps and speed (not the status, nor every val_/train_ count)
     shown = {
         k: v for k, v in summary.items() if k != "status" and not k.startswith(("val_", "train_"))
@@ -122,11 +126,12 @@ def resume(
 
 def _checkpoint_errors():
     """The errors of the evaluation verbs that are a user's to fix (exit 2, one sentence)."""
+    from pips.data.arc import GridError
     from pips.evaluation.codes import CodesError
     from pips.tasks import TaskError
     from pips.training.checkpoints import CheckpointError
 
-    return (CheckpointError, CodesError, TaskError, ConfigError)
+    return (CheckpointError, CodesError, TaskError, ConfigError, GridError, OSError)
 
 
 RUN_OR_CHECKPOINT = typer.Argument(..., help="a run folder (its best checkpoint) or a .ckpt file")

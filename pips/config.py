@@ -290,7 +290,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: Schedule = option(Schedule("cosine", 1e-3, 1e-5, None, 100), "learning rate")
+    lr: Schedule = option(Schedule("cosine", 1e-3, 1e-5, None, 100), "learning rate", min=0)
     weight_decay: float = option(0.01, "AdamW weight decay (only tensors with >= 2 dims)", min=0)
     beta1: float = option(0.9, "AdamW beta1", min=0, max=1)
     beta2: float = option(0.999, "AdamW beta2", min=0, max=1)
@@ -451,7 +451,7 @@ def register_task_section(name: str, section: type | None) -> None:
 class Config:
     name: str | None = option(None, "run name (default: a timestamp)")
     run_root: str = option("runs", "folder that holds run folders")
-    seed: int = option(0, "seeds data order, augmentation, init and sampling")
+    seed: int = option(0, "seeds data order, augmentation, init and sampling", min=0)
     task: str = option(
         "grids",
         "what the codes are learned of: a task of pips.tasks.TASKS (grids, images, sequences, "
@@ -567,6 +567,8 @@ def _check(tp: Any, value: Any, path: str, meta: Any) -> Any:
         except (ScheduleError, TypeError) as error:
             raise ConfigError(f"config key '{path}': {error}") from None
         _check_range(schedule.start, path, meta)
+        if schedule.end is not None:
+            _check_range(schedule.end, f"{path}.end", meta)
         return schedule
     if origin is list:
         if not isinstance(value, list | tuple):
@@ -615,6 +617,8 @@ def _coerce_number(value: Any, tp: type, path: str) -> int | float:
         if float(value) != int(value):
             _bad_type(path, tp, value)
         return int(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"config key '{path}' must be a finite number; got {value}")
     return float(value)
 
 

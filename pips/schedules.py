@@ -39,6 +39,10 @@ class Schedule:
             raise ScheduleError(
                 f"schedule kind must be one of {', '.join(SCHEDULE_KINDS)}; got {self.kind!r}"
             )
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ScheduleError(f"schedule {name} must be a finite number; got {value}")
         if self.warmup < 0:
             raise ScheduleError(f"schedule warmup must be >= 0; got {self.warmup}")
         if self.steps is not None and self.steps < 0:

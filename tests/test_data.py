@@ -163,7 +163,7 @@ def test_bad_grid_error_names_file_task_pair_and_problem(tmp_path, bad_grid, pro
     with pytest.raises(GridError) as caught:
         load_grids(str(tmp_path), "all")
     message = str(caught.value)
-    assert message.startswith(f"{path}: task abc, train pair 2 input: ")
+    assert message.startswith(f"{path}: task nested/abc, train pair 2 input: ")  # its path
     assert problem in message
     assert message.endswith("; fix the file or remove the task.")
 
@@ -222,9 +222,8 @@ def test_folder_split_is_deterministic_disjoint_and_complete(tmp_path):
     assert len(everything) == 120 and len(training) + len(evaluation) == 120
     assert 5 <= len(evaluation_ids) <= 25  # ~25% of 60 tasks
     assert keys(load("evaluation")) == keys(evaluation)
-    assert evaluation_ids == {
-        f"task{i:03d}" for i in range(60) if is_evaluation_task(f"task{i:03d}", 0.25)
-    }
+    names = [f"group{i % 3}/task{i:03d}" for i in range(60)]  # ids: paths in the folder
+    assert evaluation_ids == {name for name in names if is_evaluation_task(name, 0.25)}
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -99,7 +99,7 @@ def test_sigterm_saves_last_ckpt_exits_cleanly_and_resume_continues(task_folder,
         output, _ = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 0, output
+    assert process.returncode == 143, output  # 128 + SIGTERM, as a shell reports it
     assert "SIGTERM" in output and f"pips resume {run_dir}" in output
     state, checkpoint = _weights(run_dir)  # a complete, loadable checkpoint
     step = checkpoint["global_step"]

@@ -192,11 +192,13 @@ def _folder_tasks(root: Path, split: str, val_fraction: float) -> list[tuple[str
         )
     tasks = []
     for file in files:
-        task_id = file.stem
+        # unique within the folder: a/t.json and b/t.json are tasks a/t and b/t (a flat folder's
+        # ids are the file stems, as before)
+        task_id = file.relative_to(root).with_suffix("").as_posix()
         if split != "all" and is_evaluation_task(task_id, val_fraction) != (split == "evaluation"):
             continue
         try:
-            task = json.loads(file.read_text())
+            task = json.loads(file.read_text(encoding="utf-8-sig"))  # a BOM is read, not refused
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise GridError(f"{file}: task {task_id}: not valid JSON ({error}); {_FIX}") from None
         tasks.append((task_id, task, str(file)))

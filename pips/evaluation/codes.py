@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pips.tasks.base import output_file
+
 SCALARS = ("task", "codebook_size", "checkpoint", "layout")
 MAX_CODES = 2**31  # more codes than any real file holds: a crafted shape, not data
+MAX_SIDE = 65536  # any one dimension of an item's code array
 
 
 class CodesError(ValueError):
@@ -33,9 +36,7 @@ def save_codes(
 ) -> Path:
     """Write ``codes`` (one integer array per item, all of one rank) and their metadata; returns
     the path written (``.npz`` added when missing)."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
+    path = output_file(path, "codes.npz", ".npz")
     arrays = [np.asarray(array, dtype=np.int64) for array in codes]
     rank = arrays[0].ndim if arrays else 1
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,11 @@ def save_codes(
 
 
 def load_codes(path: str | Path) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """A codes file -> (each item's code array, the per-item metadata arrays and scalars)."""
+    """A codes file -> (each item's code array, the per-item metadata arrays and scalars).
+
+    Every array is checked (dtype, shape, range, agreement) before any is used, so a damaged or
+    crafted file is one :class:`CodesError` sentence, never a crash or an unbounded allocation.
+    """
     path = Path(path)
     if not path.is_file():
         raise CodesError(f"codes file {path} does not exist; write one with pips encode")
@@ -61,6 +66,15 @@ def load_codes(path: str | Path) -> tuple[list[np.ndarray], dict[str, np.ndarray
             files = {key: data[key] for key in data.files}
     except (OSError, ValueError, EOFError) as error:
         raise CodesError(f"{path} is not a codes file written by pips encode ({error})") from None
+    return _split(files, path), files
+
+
+def _split(files: dict[str, np.ndarray], path: Path) -> list[np.ndarray]:
+    def fail(problem: str) -> CodesError:
+        return CodesError(
+            f"{path} is not a valid codes file: {problem}; write it again with pips encode"
+        )
+
     missing = {"codes", "code_shapes"} - set(files)
     if missing:
         raise CodesError(
@@ -68,51 +82,45 @@ def load_codes(path: str | Path) -> tuple[list[np.ndarray], dict[str, np.ndarray
             f"{', '.join(sorted(missing))})"
         )
     flat, shapes = files["codes"], files["code_shapes"]
-    if not np.issubdtype(shapes.dtype, np.integer) or shapes.ndim != 2:
-        raise CodesError(
-            f"{path}: code_shapes must be a 2-D integer array (one row per item); got "
-            f"{shapes.dtype} of shape {shapes.shape}; encode again"
+    for name, array in (("codes", flat), ("code_shapes", shapes)):
+        if not np.issubdtype(array.dtype, np.integer):
+            raise fail(f"{name} must hold integers; it holds {array.dtype}")
+    if shapes.ndim != 2 or shapes.shape[1] < 1:
+        raise fail(
+            f"code_shapes must be an [items, rank] array (each item's code array shape); it has "
+            f"shape {shapes.shape}"
         )
-    if not np.issubdtype(flat.dtype, np.integer):
-        raise CodesError(f"{path}: codes must be integers; got {flat.dtype}; encode again")
-    if shapes.size and shapes.min() < 0:
-        raise CodesError(f"{path}: code_shapes holds a negative size; the file is damaged")
-    counts = np.prod(shapes.astype(np.float64), axis=1)
-    old_format = flat.ndim == 2  # grids before the task interface: [total, S], shapes [G, 3]
-    if old_format:
-        if shapes.shape[1] != 3 or flat.shape[1] < 1:
-            raise CodesError(f"{path}: codes [total, S] need code_shapes [G, 3]; encode again")
-        counts = shapes[:, 0].astype(np.float64) * shapes[:, 1]
-        total = flat.shape[0]
-    elif flat.ndim == 1:
-        total = flat.shape[0]
-    else:
-        raise CodesError(f"{path}: codes must be a flat array; got shape {flat.shape}")
-    if counts.sum() > MAX_CODES or counts.sum() != total:
-        raise CodesError(
-            f"{path}: code_shapes describe {int(counts.sum())} codes but the file holds "
-            f"{total}; the file is damaged, encode again"
-        )
+    old = flat.ndim == 2  # grids before the task interface: codes [total, S], shapes [G, 3]
+    if old and (shapes.shape[1] != 3 or flat.shape[1] < 1):
+        raise fail(f"codes of shape {flat.shape} need code_shapes [items, 3]")
+    if not old and flat.ndim != 1:
+        raise fail(f"codes must be a flat array of every item's codes; it has shape {flat.shape}")
+    if shapes.size and (shapes.min() < 1 or shapes.max() > MAX_SIDE):
+        raise fail(f"code_shapes must hold sizes from 1 to {MAX_SIDE}")
+    if old and shapes.size and (shapes[:, 2] != flat.shape[1]).any():
+        raise fail(f"code_shapes give S other than the {flat.shape[1]} indices per code of codes")
+    sizes = shapes[:, :2] if old else shapes
+    counts = np.prod(sizes.astype(np.float64), axis=1)
+    total = float(counts.sum())
+    if total > MAX_CODES or total != len(flat):
+        raise fail(f"code_shapes describe {int(total)} codes but the file holds {len(flat)}")
     items = len(shapes)
+    layout = files.get("layout")
+    if layout is not None and (layout.ndim != 0 or str(layout) not in ("pooled", "spatial")):
+        raise fail(f"layout must be pooled or spatial; got {layout!r}")
     for key, values in files.items():
         if key in ("codes", "code_shapes") or key in SCALARS:
             continue
         if values.ndim != 1 or len(values) != items:
-            raise CodesError(
-                f"{path}: metadata {key!r} has {values.shape} entries for {items} items; the "
-                f"file is damaged, encode again"
-            )
+            raise fail(f"{key} must have one entry per item ({items}); it has shape {values.shape}")
     starts = np.concatenate([[0], np.cumsum(counts).astype(np.int64)])
     arrays = []
-    layout = str(files.get("layout", "spatial"))
     for shape, start, end in zip(shapes, starts[:-1], starts[1:], strict=True):
-        if old_format:
+        if old:
             rows, cols, levels = (int(v) for v in shape)
-            if levels != flat.shape[1]:
-                raise CodesError(f"{path}: an item has {levels} levels, the codes {flat.shape[1]}")
             array = flat[start:end].reshape(rows, cols, levels)
-            array = array[0] if layout == "pooled" else array
+            array = array[0] if str(layout) == "pooled" else array
             arrays.append(array if levels > 1 else array[..., 0])
         else:
             arrays.append(flat[start:end].reshape(tuple(int(v) for v in shape)))
-    return arrays, files
+    return arrays

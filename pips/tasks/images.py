@@ -17,7 +17,7 @@ from pips.data.images import load_images
 from pips.losses.pixels import pixel_loss, psnr
 from pips.models.image_ae import ImageAutoencoder
 from pips.plots import save_image_rows
-from pips.tasks.base import Headline, PeriodicDrawing, register_task
+from pips.tasks.base import Headline, PeriodicDrawing, output_file, register_task
 from pips.tasks.tensors import TensorDataModule, TensorTask
 
 
@@ -166,7 +166,7 @@ class ImagesTask(TensorTask):
         """``out.npz`` with the images ``[N, C, H, W]`` and a PNG sheet beside it."""
         written = super().write_items(items, metadata, out)
         if items:
-            sheet = Path(out).with_suffix(".png")
+            sheet = output_file(out, "items.npz", ".npz").with_suffix(".png")
             images = torch.as_tensor(np.stack(items[:16])).float().clamp(0, 1)
             save_image_rows([images], sheet, title="decoded from codes")
             written += f" (and {sheet.name})"

@@ -23,7 +23,7 @@ from pips.data.loader import GridDataLoader
 from pips.data.sampler import BucketBatchSampler
 from pips.metrics import CodeUsage, code_metrics
 from pips.quantizers.base import check_code_indices
-from pips.tasks.base import Items, Task, TaskError
+from pips.tasks.base import Items, Task, TaskError, output_file
 from pips.tasks.module import CodeModule
 
 
@@ -280,9 +280,7 @@ class TensorTask(Task):
             raise TaskError(str(error)) from None
 
     def write_items(self, items: list, metadata: dict[str, np.ndarray], out: Path) -> str:
-        out = Path(out)
-        if out.suffix != ".npz":
-            out = out.with_suffix(".npz")
+        out = output_file(out, "items.npz", ".npz")
         arrays = np.stack([np.asarray(item) for item in items]) if items else np.zeros((0,))
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(out, items=arrays, **metadata)

@@ -188,6 +188,7 @@ class CodebookMonitor(L.Callback):
         # slotted: one row per (slot, level) [B, N*S]; else one per level over positions [M, S]
         codes = indices.flatten(1) if self.slotted else indices[keep]
         rows = codes.shape[1]
+        codes = codes.clamp(0, size - 1)  # garbage indices of non-finite latents: the guard stops
         ids = codes + torch.arange(rows, device=codes.device) * size
         counts = torch.bincount(ids.reshape(-1), minlength=rows * size).view(rows, size)
         counts = counts.double().cpu()
@@ -302,7 +303,7 @@ class RunGuard(L.Callback):
 
     - A signal in ``signals`` (SIGINT, SIGTERM, and e.g. SIGUSR1 for SLURM pre-emption) asks the
       run to stop after the current step: ``checkpoints/last.ckpt`` is written (atomically) and
-      fit returns; a second SIGINT raises KeyboardInterrupt at once.
+      fit returns; a second SIGINT raises RunInterrupted at once.
     - ``stop_at_step``: the same stop at a given step, schedules unchanged.
     - ``checkpoint_every``: ``last.ckpt`` every N steps as well (ModelCheckpoint writes it at
       each validation), and at the end of training when no validation fell on the last step.
@@ -335,7 +336,10 @@ class RunGuard(L.Callback):
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: now
+            from pips.training.signals import RunInterrupted
+
+            # the second Ctrl-C: now (not KeyboardInterrupt, which Lightning makes an exit 1)
+            raise RunInterrupted(name, "at once on a second Ctrl-C, mid-step")
         self.requested = name
         print(
             f"\n{name}: stopping after this step and saving {self.checkpoint} "

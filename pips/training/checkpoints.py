@@ -7,8 +7,7 @@ loads the weights, so a checkpoint is usable without its run folder.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,6 +15,7 @@ import torch
 
 from pips.config import Config, ConfigError, check_config, from_dict, migrate
 from pips.tasks import TaskError, get_task
+from pips.training.checkpoint_io import UnreadableCheckpoint, UnsafeCheckpoint, safe_torch_load
 
 
 class CheckpointError(RuntimeError):
@@ -64,8 +64,8 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
 def _best_model_path(last: Path, folder: Path) -> Path | None:
     """The best checkpoint the run's ModelCheckpoint recorded in ``last``, if it still exists."""
     try:
-        states = torch.load(last, map_location="cpu", weights_only=False).get("callbacks", {})
-    except Exception:  # a damaged last.ckpt: fall back to the newest best file
+        states = safe_torch_load(last).get("callbacks", {})
+    except (UnreadableCheckpoint, UnsafeCheckpoint, AttributeError):  # the newest best file
         return None
     for key, state in states.items():
         monitored = isinstance(state, dict) and state.get("monitor")
@@ -77,13 +77,15 @@ def _best_model_path(last: Path, folder: Path) -> Path | None:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """``torch.load`` on CPU with the failure modes of a truncated or foreign file spelt out."""
+    """The one safe loader of every verb: weights only (never runs code from the file), on CPU,
+    with the failure modes of a truncated, foreign or crafted file spelt out."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
+        checkpoint = safe_torch_load(path)
+    except UnsafeCheckpoint as error:
+        raise CheckpointError(str(error)) from None
+    except UnreadableCheckpoint as error:
         raise CheckpointError(
-            f"checkpoint {path} cannot be read: it is truncated or corrupt ({error}); use "
-            f"another checkpoint of the run (checkpoints/last.ckpt or best-*.ckpt)"
+            f"{error}; use another checkpoint of the run (checkpoints/last.ckpt or best-*.ckpt)"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(
@@ -140,6 +142,50 @@ def load_weights(model: torch.nn.Module, state: dict, path: Path, prefix: str = 
     model.load_state_dict(weights)
 
 
+def _build_model(config: Config, checkpoint: dict, path: Path) -> torch.nn.Module:
+    """The task's bare model for ``config``, with the data shape the checkpoint recorded."""
+    try:
+        return get_task(config).build_model(checkpoint.get("hyper_parameters") or {})
+    except (TaskError, ValueError) as error:
+        raise CheckpointError(f"the model of {path} cannot be built: {error}") from None
+
+
+def check_checkpoint_fits(config: Config, path: Path, changed: list[str] | None = None) -> dict:
+    """Read ``path`` safely and check its weights load into the model ``config`` describes,
+    before a run writes anything; ``changed``: the config keys the caller changed (named in the
+    error, as what made the shapes differ). Returns the checkpoint."""
+    checkpoint = read_checkpoint(path)
+    model = _build_model(config, checkpoint, path)
+    try:
+        load_weights(model, checkpoint["state_dict"], path)
+    except CheckpointError as error:
+        if not changed:
+            raise
+        shown = [key for key in changed if key.startswith("model.")] or changed
+        raise CheckpointError(
+            f"{str(error).split('; use the config')[0]}; the change of {', '.join(shown[:3])} "
+            f"makes it so: keep the model.* keys the run was trained with"
+        ) from None
+    return checkpoint
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    """A JSON object a run folder holds (summary.json, status.json): {} when absent, a sentence
+    when it is damaged (a write cut short)."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} ({what}) is damaged and cannot be read ({error}); delete it, or resume the "
+            f"run to write it again"
+        ) from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} ({what}) is not a JSON object; delete it")
+    return record
+
+
 def load_model(
     path: str | Path, which: str = "best", overrides: Config | None = None
 ) -> LoadedModel:
@@ -151,10 +197,7 @@ def load_model(
     file = find_checkpoint(path, which)
     checkpoint = read_checkpoint(file)
     config = overrides if overrides is not None else checkpoint_config(checkpoint, file)
-    try:
-        model = get_task(config).build_model(checkpoint.get("hyper_parameters") or {})
-    except (TaskError, ValueError) as error:
-        raise CheckpointError(f"the model of {file} cannot be built: {error}") from None
+    model = _build_model(config, checkpoint, file)
     load_weights(model, checkpoint["state_dict"], file)
     model.eval()
     run_dir = file.parent.parent if file.parent.name == "checkpoints" else None

@@ -120,20 +120,26 @@ def sbatch_script(
         "NAMES=(",
         *[f"  {shlex.quote(name)}" for name, _ in runs],
         ")",
-        "OVERRIDES=(",
-        *[f"  {shlex.quote(' '.join(overrides))}" for _, overrides in runs],
-        ")",
         "TASK=${SLURM_ARRAY_TASK_ID:-0}",
         "NAME=${NAMES[$TASK]}",
+        "# each run's overrides, one word per override (a value may hold spaces and commas)",
+        'case "$TASK" in',
+        *[
+            f"  {i}) OVERRIDES=({shlex.join(overrides)}) ;;"
+            for i, (_, overrides) in enumerate(runs)
+        ],
+        "esac",
         f"RUN_DIR={shlex.quote(run_root)}/$NAME",
         "",
+        "# a run stopped by a signal exits 128 + N (143 SIGTERM, 138 SIGUSR1): not an error here",
+        "CODE=0",
         'if [ -f "$RUN_DIR/checkpoints/last.ckpt" ]; then',
-        f'  srun pips resume "$RUN_DIR" {STOP_SIGNALS}',
+        f'  srun pips resume "$RUN_DIR" {STOP_SIGNALS} || CODE=$?',
         "else",
-        f"  srun pips train {shlex.quote(config_path)} ${{OVERRIDES[$TASK]}} name=$NAME \\",
+        f'  srun pips train {shlex.quote(config_path)} "${{OVERRIDES[@]}}" name="$NAME" \\',
         f"    run_root={shlex.quote(run_root)} trainer.devices={tasks} "
         f"trainer.num_nodes={options.nodes} trainer.strategy=ddp \\",
-        f"    {STOP_SIGNALS}",
+        f"    {STOP_SIGNALS} || CODE=$?",
         "fi",
         "",
         "STATUS=$(python -c \"import json,sys; print(json.load(open(sys.argv[1]))['status'])\" \\",
@@ -142,7 +148,9 @@ def sbatch_script(
         "  JOB=${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}",
         '  echo "run $NAME stopped on a signal: requeueing $JOB"',
         '  scontrol requeue "$JOB"',
+        "  exit 0",
         "fi",
+        'exit "$CODE"',
         "",
     ]
     return "\n".join(lines)

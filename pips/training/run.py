@@ -18,7 +18,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pips.config import (
@@ -28,6 +27,7 @@ from pips.config import (
     load_config,
     save_config,
     schedule_is_off,
+    to_dict,
 )
 from pips.tasks import Task, TaskError, get_task
 from pips.training.callbacks import (
@@ -37,15 +37,29 @@ from pips.training.callbacks import (
     TermCurves,
     TrainingProgress,
 )
-from pips.training.checkpoint_io import AtomicCheckpointIO
+from pips.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    remove_stale_temporaries,
+    safe_torch_load,
+)
 from pips.training.checkpoints import (
     CheckpointError,
+    check_checkpoint_fits,
     find_checkpoint,
     load_weights,
     read_checkpoint,
 )
+from pips.training.last_checkpoint import EveryValidationCheckpoint
+from pips.training.lock import RunFolderLocked, RunLock
 from pips.training.loggers import RunCSVLogger
+from pips.training.preflight import (
+    PreflightError,
+    check_environment,
+    check_run_name,
+    check_run_root,
+)
 from pips.training.profiling import LightProfiler, TorchProfiler
+from pips.training.signals import RunInterrupted, interrupt_on
 
 
 class RunError(RuntimeError):
@@ -70,15 +84,80 @@ def _quiet_lightning() -> None:
 
 
 def new_run_dir(config: Config) -> Path:
+    try:
+        check_run_name(config.name)
+    except PreflightError as error:
+        raise RunError(str(error)) from None
     name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run_root) / name
-    if (run_dir / "checkpoints").exists():
+    _refuse_a_folder_with_a_run(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(
+            f"cannot create the run folder {run_dir} ({error.strerror or error}); set run_root= "
+            f"to a folder you can write to"
+        ) from None
+    return run_dir
+
+
+def _checkpoint_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def _refuse_a_folder_with_a_run(run_dir: Path, locked_by_us: bool = False) -> None:
+    try:
+        if not locked_by_us:  # a live run in it: say whose, not only that one is there
+            RunLock(run_dir).check_free()
+    except RunFolderLocked as error:
+        raise RunError(str(error)) from None
+    if _checkpoint_files(run_dir):
         raise RunError(
             f"run folder {run_dir} already holds a run; continue it with `pips resume {run_dir}` "
             f"or choose another name with name=..."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+
+
+def claim_run_dir(run_dir: Path) -> RunLock:
+    """Take the folder's lock (one run per folder) and clear what a killed run left: temporary
+    checkpoint files, and the logs of a run that was killed before its first checkpoint."""
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+    except RunFolderLocked as error:
+        raise RunError(str(error)) from None
+    except OSError as error:
+        raise RunError(
+            f"cannot write in the run folder {run_dir} ({error.strerror or error}); set run_root= "
+            f"to a folder you can write to"
+        ) from None
+    note = lock.stale_note()
+    if note:
+        print(note, file=sys.stderr)
+    remove_stale_temporaries(run_dir / "checkpoints")
+    (run_dir / "status.json.tmp").unlink(missing_ok=True)
+    return lock
+
+
+def _restart_in(run_dir: Path) -> None:
+    """A folder whose run was killed before it wrote a checkpoint: nothing in it can be
+    resumed, so `pips train` starts the run again there, without the dead run's logs."""
+    import shutil
+
+    leftovers = ["metrics.csv", "summary.json", "status.json", "tensorboard", "images"]
+    if not (run_dir / "config.yaml").is_file():
+        return
+    print(
+        f"note: {run_dir} holds a run that stopped before its first checkpoint; starting it "
+        f"again from step 0",
+        file=sys.stderr,
+    )
+    for name in leftovers:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _setup_torch(config: Config) -> None:
@@ -135,7 +214,7 @@ def _build_trainer(
     callbacks = [
         progress,
         guard,
-        ModelCheckpoint(
+        EveryValidationCheckpoint(  # last.ckpt at every validation, not only on improvement
             dirpath=run_dir / "checkpoints",
             filename="best-step{step}",
             auto_insert_metric_name=False,
@@ -242,7 +321,7 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
     """``status.json``: running / finished / interrupted / crashed, with the process and times
     (`pips runs` reads it; a "running" run whose process is gone is shown as crashed)."""
     path = run_dir / "status.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
+    record = _read_json(path)
     now = datetime.now().isoformat(timespec="seconds")
     if status == "running":
         record = {"started": now, "pid": os.getpid(), "host": socket.gethostname()}
@@ -265,17 +344,74 @@ def fit(config: Config, run_dir: Path, ckpt_path: Path | None = None) -> dict:
     if not is_rank_zero():
         return _fit(config, run_dir, ckpt_path)
     os.environ["PIPS_RUN_DIR"] = str(run_dir)  # processes launched by this one share the folder
-    write_status(run_dir, "running")
-    try:
-        summary = _fit(config, run_dir, ckpt_path)
-    except KeyboardInterrupt:
-        write_status(run_dir, "interrupted")
-        raise
-    except BaseException as error:
-        write_status(run_dir, "crashed", error=f"{type(error).__name__}: {error}"[:500])
-        raise
-    write_status(run_dir, summary["status"])
+    before = _wall_seconds_so_far(run_dir)
+    started = time.time()
+    with interrupt_on(config.trainer.stop_signals):  # until RunGuard takes over, and after it
+        write_status(run_dir, "running", wall_seconds=before)
+        try:
+            summary = _fit(config, run_dir, ckpt_path)
+        except (RunInterrupted, KeyboardInterrupt) as stop:
+            name = getattr(stop, "signal_name", "SIGINT")
+            wall = before + time.time() - started
+            write_status(run_dir, "interrupted", signal=name, wall_seconds=wall)
+            print(
+                _interrupted_sentence(run_dir, name, getattr(stop, "detail", "")), file=sys.stderr
+            )
+            return {"status": "interrupted", "steps": _saved_step(run_dir), "signal": name}
+        except OSError as error:  # a full disk, a folder made read-only: the run's environment
+            _write_status_quietly(run_dir, "crashed", error, before + time.time() - started)
+            raise RunError(
+                f"the run stopped: {error.strerror or error}"
+                + (f" ({error.filename})" if error.filename else "")
+                + f"; the last checkpoint written is kept: fix this, then `pips resume {run_dir}`"
+            ) from None
+        except BaseException as error:
+            _write_status_quietly(run_dir, "crashed", error, before + time.time() - started)
+            raise
+        extra = {"signal": summary["signal"]} if summary.get("signal") else {}
+        write_status(
+            run_dir, summary["status"], wall_seconds=before + time.time() - started, **extra
+        )
     return summary
+
+
+def _write_status_quietly(run_dir: Path, status: str, error: BaseException, wall: float) -> None:
+    try:
+        write_status(
+            run_dir, status, error=f"{type(error).__name__}: {error}"[:500], wall_seconds=wall
+        )
+    except OSError:  # the disk that stopped the run may not take status.json either
+        pass
+
+
+def _interrupted_sentence(run_dir: Path, name: str, detail: str) -> str:
+    step = _saved_step(run_dir)
+    kept = (
+        f"the checkpoint of step {step} is kept: continue with `pips resume {run_dir}`"
+        if step is not None
+        else f"no checkpoint was written yet: start it again with `pips train {run_dir}/config.yaml`"
+    )
+    return f"{name}: stopped {detail or 'before training started'}; {kept}"
+
+
+def _saved_step(run_dir: Path) -> int | None:
+    """The step of the run's newest checkpoint file, read safely; None when it has none."""
+    files = _checkpoint_files(run_dir)
+    if not files:
+        return None
+    try:
+        newest = max(files, key=lambda path: path.stat().st_mtime)
+        return int(safe_torch_load(newest).get("global_step", 0))
+    except Exception:
+        return None
+
+
+def _wall_seconds_so_far(run_dir: Path) -> float:
+    """Training time of the run's earlier sessions, interrupted ones included."""
+    status = _read_json(run_dir / "status.json")
+    if isinstance(status.get("wall_seconds"), int | float):
+        return float(status["wall_seconds"])
+    return float(_read_summary(run_dir).get("wall_seconds", 0.0) or 0.0)
 
 
 def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
@@ -309,30 +445,36 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
         f"{task.model_description()}",
         file=sys.stderr,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if os.environ.get("PIPS_SAVE_RANK_STATES"):  # a diagnostic: do all ranks agree?
         folder = Path(os.environ["PIPS_SAVE_RANK_STATES"])
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(module.state_dict(), folder / f"rank{trainer.global_rank}_weights.pt")
 
-    if guard.stopped_at is not None or trainer.interrupted:
+    if guard.stopped_at is not None or trainer.interrupted or guard.requested:
         why = guard.requested or ("trainer.stop_at_step" if guard.stopped_at else "interrupt")
         print(
             f"stopped at step {trainer.global_step} ({why}); last.ckpt is saved: continue with "
             f"`pips resume {run_dir}`",
             file=sys.stderr,
         )
-        return {"status": "interrupted", "steps": trainer.global_step}
+        return {"status": "interrupted", "steps": trainer.global_step, "signal": guard.requested}
     summary = {"status": "finished", "steps": trainer.global_step}
     if trainer.is_global_zero:
-        final, evaluated = task.final_metrics(module, datamodule)
+        try:
+            final, evaluated = task.final_metrics(module, datamodule)
+        except RunInterrupted as stop:
+            raise RunInterrupted(
+                stop.signal_name,
+                f"during the final evaluation (training reached step {trainer.global_step} and "
+                f"last.ckpt holds it; `pips resume` runs the evaluation again)",
+            ) from None
         for logger in trainer.loggers:  # the full-split numbers beside the periodic ones
             logger.log_metrics({f"final/{k}": v for k, v in final.items()}, trainer.global_step)
             logger.save()
         summary.update({key: final[key] for key in task.summary_keys})
         summary.update({f"val_{k}": v for k, v in final.items() if k not in task.summary_keys})
-        previous = _read_summary(run_dir)
-        summary["wall_seconds"] = previous.get("wall_seconds", 0.0) + (time.time() - started)
+        summary["wall_seconds"] = _wall_seconds_so_far(run_dir) + (time.time() - started)
         summary[f"{task.unit}_per_second"] = progress.grids_per_second
         summary[f"train_{task.unit}"] = datamodule.train_size
         summary[f"val_{task.unit}"] = evaluated
@@ -347,8 +489,33 @@ def _initialise_from(module: L.LightningModule, path: Path) -> None:
 
 
 def _read_summary(run_dir: Path) -> dict:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return _read_json(run_dir / "summary.json")
+
+
+def _read_json(path: Path) -> dict:
+    """A run folder's JSON record, or {} when it is missing or damaged (a killed write)."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def preflight(config: Config) -> None:
+    """Everything that can be checked before a file is written: the run's name and folder, the
+    machine, the data, and that a --from checkpoint fits the model (one RunError sentence)."""
+    try:
+        check_run_name(config.name)
+        check_run_root(config.run_root)
+        check_environment(config)
+        get_task(config).check_data()
+    except (PreflightError, TaskError) as error:
+        raise RunError(str(error)) from None
+    if config.init_from:
+        try:
+            check_checkpoint_fits(config, Path(config.init_from))
+        except CheckpointError as error:
+            raise RunError(str(error)) from None
 
 
 def train(
@@ -362,37 +529,100 @@ def train(
         run_dir = Path(shared) if shared else Path(config.run_root) / str(config.name)
         config.name = run_dir.name
         return run_dir, fit(config, run_dir)
+    try:
+        check_run_name(config.name)
+    except PreflightError as error:
+        raise RunError(str(error)) from None
+    if config.name:
+        _refuse_a_folder_with_a_run(Path(config.run_root) / config.name)  # before data is read
+    preflight(config)
     run_dir = new_run_dir(config)
-    config.name = run_dir.name
-    save_config(config, run_dir / "config.yaml")
-    (run_dir / "command.txt").write_text(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
-    write_run_info(run_dir)
-    return run_dir, fit(config, run_dir)
+    lock = claim_run_dir(run_dir)
+    try:
+        _refuse_a_folder_with_a_run(run_dir, locked_by_us=True)  # one finished meanwhile
+        _restart_in(run_dir)
+        config.name = run_dir.name
+        try:
+            save_config(config, run_dir / "config.yaml")
+            command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n"
+            (run_dir / "command.txt").write_text(command)
+            write_run_info(run_dir)
+        except OSError as error:
+            raise RunError(
+                f"cannot write in the run folder {run_dir} ({error.strerror or error}); set "
+                f"run_root= to a folder you can write to"
+            ) from None
+        return run_dir, fit(config, run_dir)
+    finally:
+        lock.release()
 
 
 def resume(run_dir: str | Path, overrides: list[str]) -> tuple[Path, dict]:
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if not config_path.is_file():
         raise RunError(
             f"{run_dir} is not a run folder (no config.yaml); give the folder that "
             f"`pips train` printed"
         )
-    if not checkpoint.is_file():
-        raise RunError(
-            f"{run_dir} has no checkpoints/last.ckpt to resume from; start a new run "
-            f"with `pips train`"
-        )
-    config = load_config(config_path, overrides)
+    if not is_rank_zero():
+        checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        return run_dir, fit(load_config(config_path, overrides), run_dir, ckpt_path=checkpoint)
+    config = load_config(config_path, overrides)  # a bad override fails before anything else
+    lock = claim_run_dir(run_dir)
     try:
-        read_checkpoint(checkpoint)  # a truncated file fails here, in one sentence
-    except CheckpointError as error:
-        raise RunError(str(error)) from None
-    config.name = run_dir.name
-    config.run_root = str(run_dir.parent)
-    save_config(config, config_path)
-    return run_dir, fit(config, run_dir, ckpt_path=checkpoint)
+        checkpoint = _resume_checkpoint(run_dir)
+        config.name = run_dir.name
+        config.run_root = str(run_dir.parent)
+        try:  # a damaged or crafted file, or a model.* override that no longer fits: one sentence
+            check_checkpoint_fits(config, checkpoint, changed=_changed_keys(config_path, config))
+        except CheckpointError as error:
+            raise RunError(f"{error}; {run_dir} is unchanged") from None
+        preflight(config)
+        save_config(config, config_path)  # only now: a refused resume leaves the folder alone
+        return run_dir, fit(config, run_dir, ckpt_path=checkpoint)
+    finally:
+        lock.release()
+
+
+def _resume_checkpoint(run_dir: Path) -> Path:
+    """last.ckpt, else the newest best-*.ckpt (a kill between writing the two); a sentence
+    that says what to do when the run never wrote one."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    best = sorted(_checkpoint_files(run_dir), key=lambda path: path.stat().st_mtime)
+    if best:
+        return best[-1]
+    raise RunError(
+        f"{run_dir} has no checkpoints/last.ckpt to resume from: the run stopped before its first "
+        f"checkpoint; start it again in the same folder with `pips train {run_dir}/config.yaml` "
+        f"(or start a new run with `pips train`)"
+    )
+
+
+def _changed_keys(config_path: Path, config: Config) -> list[str]:
+    """The config keys whose values differ from the run's saved config, as key (old -> new)."""
+    try:
+        before = _flatten(to_dict(load_config(config_path)))
+    except ConfigError:
+        return []
+    after = _flatten(to_dict(config))
+    return [
+        f"{key} ({before.get(key)!r} -> {after.get(key)!r})"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key) and key not in ("name", "run_root")
+    ]
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 __all__ = ["ConfigError", "RunError", "fit", "new_run_dir", "resume", "train"]
