@@ -1,7 +1,10 @@
 """Typed configuration: nested dataclasses hold every option, its default and its help text.
 
-Merge order: dataclass defaults <- YAML file <- ``a.b=value`` overrides. Every key and value is
-checked before any work starts; a bad one raises :class:`ConfigError` with one sentence naming the
+Merge order: dataclass defaults <- YAML file <- ``a.b=value`` overrides. OmegaConf reads the file
+and the overrides (its YAML and dotlist grammar) and resolves ``${key.path}`` interpolations once
+everything is merged; PIPS keeps what OmegaConf lacks: schedules that are a number or a mapping
+(replaced whole, or one field at a time), ranges and choices, did-you-mean, one-sentence errors
+and the ``--help`` listing. Every key and value is checked before any work starts; a bad one raises :class:`ConfigError` with one sentence naming the
 full key path and what is allowed. ``pips train --help`` prints every key from the metadata here.
 """
 
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pips.schedules import Schedule, ScheduleError
 
@@ -688,7 +693,9 @@ def _unwrap_optional(tp: Any) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'model.width=256'`` -> (['model', 'width'], 256). Values are read as YAML."""
+    """``'model.width=256'`` -> (['model', 'width'], 256), by OmegaConf's dotlist grammar:
+    values are YAML (``1e-3``, ``[8,5,5,5]``, ``{kind: cosine, start: 1e-3}``, ``null``) and may
+    be interpolations (``${trainer.val_every}``), resolved once everything is merged."""
     if "=" not in text:
         raise ConfigError(
             f"an override looks like key.sub=value; got {text!r} (a config file ends in .yaml)"
@@ -697,11 +704,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"an override needs a key before '='; got {text!r}")
+    keys = key.split(".")
+    if not raw.strip():
+        return keys, ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError):
+        parsed = raw  # not YAML: the string itself (the type check names the key if it is wrong)
+    return keys, parsed
+
+
+def _read_yaml(path: Path) -> Any:
+    """A config file through OmegaConf (YAML, ``${...}`` interpolations left for later)."""
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    return OmegaConf.to_container(loaded, resolve=False) or {}
+
+
+def _resolve(values: dict[str, Any]) -> dict[str, Any]:
+    """Interpolations (``${model.width}``) resolved against the merged config, by OmegaConf."""
+    try:
+        return OmegaConf.to_container(OmegaConf.create(values), resolve=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        raise ConfigError(
+            f"config key '{key}': its interpolation cannot be resolved ({str(error).splitlines()[0]})"
+        ) from None
 
 
 def _override(cls: type, base: dict[str, Any], keys: list[str], value: Any, path: str = "") -> None:
@@ -746,15 +776,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
                 f"config file {path} does not exist; give a path to a .yaml file "
                 f"(presets live in configs/)"
             )
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        _merge(Config, values, migrate(loaded))
+        _merge(Config, values, migrate(_read_yaml(path)))
     for text in overrides:
         keys, value = parse_override(text)
         _override(Config, values, _moved_key(keys, values), value)
-    config = from_dict(Config, values)
+    config = from_dict(Config, _resolve(values))
     check_config(config)
     derive(config)
     return config

@@ -277,3 +277,18 @@ def test_heads_that_do_not_fit_the_width_are_a_config_error(heads):
     message = _error([f"model.heads={heads}"], path=TINY_CONFIG)
     assert "'model.heads'" in message
     assert "model.width" in message
+
+
+def test_interpolations_resolve_against_the_merged_config(tmp_path):
+    path = tmp_path / "preset.yaml"
+    path.write_text("trainer:\n  val_every: 100\n  image_every: ${trainer.val_every}\n")
+    assert load_config(path).trainer.image_every == 100
+    # resolved after the overrides: the override of val_every moves image_every with it
+    assert load_config(path, ["trainer.val_every=40"]).trainer.image_every == 40
+    config = load_config(overrides=["model.quantizer.dim=${model.width}", "model.width=64"])
+    assert config.model.quantizer.dim == 64
+
+
+def test_an_interpolation_that_names_no_key_is_a_config_error():
+    message = _error(["trainer.image_every=${trainer.nothing}"])
+    assert "'trainer.image_every'" in message and "interpolation" in message
