@@ -648,3 +648,19 @@ def test_wall_seconds_count_the_time_before_an_interruption(task_folder, tmp_pat
     summary = json.loads((tmp_path / "w" / "summary.json").read_text())
     assert summary["wall_seconds"] > first
     assert _status(tmp_path / "w")["wall_seconds"] >= summary["wall_seconds"]
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["task=images", "images.dataset=mnist", "images.folder=/nonexistent"], "IDX files"),
+        (["task=sequences", "sequences.preset=nope"], "unknown GSSM preset"),
+        (["task=sequences", "sequences.train_file=/nonexistent.npz"], "nonexistent"),
+    ],
+)
+def test_images_and_sequences_data_are_checked_before_the_run_folder(
+    overrides, words, tmp_path, cli
+):
+    line = _one_sentence(cli("train", *overrides, f"run_root={tmp_path}", "name=bad"))
+    assert words in line, line
+    assert not (tmp_path / "bad").exists()

@@ -190,6 +190,14 @@ class TensorTask(Task):
         codes.update(output.encoded.quantizer.indices, output.encoded.latent_padding)
 
     # ------------------------------------------------------------------- the interface
+    def check_data(self) -> None:
+        """Build the data once before a run folder is made (a missing file, a bad preset or a
+        damaged archive is then one sentence and nothing is written)."""
+        try:
+            self.datamodule()
+        except (ValueError, OSError) as error:
+            raise TaskError(str(error)) from None
+
     def datamodule(self) -> TensorDataModule:
         data = self.data_class(self)
         data.setup("fit")
