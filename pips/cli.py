@@ -225,6 +225,26 @@ def decode(
 
 
 @app.command()
+def export(
+    run: Path = RUN_OR_CHECKPOINT,
+    out: Path = typer.Option(..., "--out", help="the .safetensors file (or folder) to write"),
+    last: bool = LAST_OPTION,
+) -> None:
+    """The model as one .safetensors file (weights, config and data shape; reading it never runs
+    code), usable wherever a checkpoint is: pips evaluate/encode/decode/probe, pips.load.
+
+    Example: pips export runs/quick --out quick.safetensors
+    """
+    from pips.evaluation.commands import export_run
+
+    try:
+        result = export_run(run, out, "last" if last else "best")
+    except _checkpoint_errors() as error:
+        _fail(str(error))
+    typer.echo(f"exported {result['checkpoint']} (step {result['step']}) to {result['out']}")
+
+
+@app.command()
 def probe(
     run: Path = RUN_OR_CHECKPOINT,
     target: str = typer.Option(

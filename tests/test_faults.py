@@ -664,3 +664,28 @@ def test_images_and_sequences_data_are_checked_before_the_run_folder(
     line = _one_sentence(cli("train", *overrides, f"run_root={tmp_path}", "name=bad"))
     assert words in line, line
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_exported_model_is_safetensors_and_serves_every_verb(
+    tiny_run, task_folder, tmp_path, cli
+):
+    """pips export writes the weights as safetensors (raw tensors and string metadata: nothing
+    in it can run); evaluate, encode/decode and pips.load read it like the checkpoint."""
+    import pips
+
+    run_dir, _ = tiny_run
+    out = tmp_path / "model"
+    exported = cli("export", run_dir, "--out", out)
+    assert exported.exit_code == 0, exported.output
+    file = tmp_path / "model.safetensors"
+    assert file.is_file() and str(file) in exported.output
+    from_run = json.loads(cli("evaluate", run_dir, "--data", task_folder, "--json").output)
+    from_file = json.loads(cli("evaluate", file, "--data", task_folder, "--json").output)
+    assert from_file["metrics"]["cell_accuracy"] == from_run["metrics"]["cell_accuracy"]
+    grids = [np.array([[1, 2], [3, 4]])]
+    np.testing.assert_array_equal(
+        pips.load(file).encode(grids)[0], pips.load(run_dir).encode(grids)[0]
+    )
+    (tmp_path / "other.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    line = _one_sentence(cli("evaluate", tmp_path / "other.safetensors"))
+    assert "other.safetensors" in line

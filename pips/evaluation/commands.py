@@ -13,9 +13,17 @@ from pips.evaluation.codes import CodesError, load_codes, save_codes
 from pips.tasks import TaskError, get_task
 from pips.tasks.grids import DataSpecError
 from pips.tasks.probe import fit_probe
-from pips.training.checkpoints import load_model
+from pips.training.checkpoints import load_model, read_checkpoint
+from pips.training.export import export_model
 
-__all__ = ["DataSpecError", "decode_to_file", "encode_to_file", "evaluate_run", "probe_run"]
+__all__ = [
+    "DataSpecError",
+    "decode_to_file",
+    "encode_to_file",
+    "evaluate_run",
+    "export_run",
+    "probe_run",
+]
 
 
 def evaluate_run(path: str | Path, spec: str | None = None, which: str = "best") -> dict:
@@ -106,3 +114,11 @@ def probe_run(
         "probe": f"mlp({hidden})" if hidden else "linear",
         **scores,
     }
+
+
+def export_run(path: str | Path, out: str | Path, which: str = "best") -> dict:
+    """A run's model (best checkpoint by default) -> one ``.safetensors`` file with its config."""
+    loaded = load_model(path, which)
+    hyper_parameters = read_checkpoint(loaded.checkpoint).get("hyper_parameters") or {}
+    written = export_model(loaded.model, loaded.config, hyper_parameters, loaded.step, out)
+    return {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "out": str(written)}

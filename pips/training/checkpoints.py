@@ -16,6 +16,7 @@ import torch
 from pips.config import Config, ConfigError, check_config, from_dict, migrate
 from pips.tasks import TaskError, get_task
 from pips.training.checkpoint_io import UnreadableCheckpoint, UnsafeCheckpoint, safe_torch_load
+from pips.training.export import read_exported
 
 
 class CheckpointError(RuntimeError):
@@ -78,7 +79,13 @@ def _best_model_path(last: Path, folder: Path) -> Path | None:
 
 def read_checkpoint(path: Path) -> dict:
     """The one safe loader of every verb: weights only (never runs code from the file), on CPU,
-    with the failure modes of a truncated, foreign or crafted file spelt out."""
+    with the failure modes of a truncated, foreign or crafted file spelt out. A ``.safetensors``
+    file written by `pips export` reads as a checkpoint too."""
+    if Path(path).suffix == ".safetensors":
+        try:
+            return read_exported(Path(path))
+        except ValueError as error:
+            raise CheckpointError(str(error)) from None
     try:
         checkpoint = safe_torch_load(path)
     except UnsafeCheckpoint as error:
