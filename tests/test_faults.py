@@ -689,3 +689,14 @@ def test_an_exported_model_is_safetensors_and_serves_every_verb(
     (tmp_path / "other.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     line = _one_sentence(cli("evaluate", tmp_path / "other.safetensors"))
     assert "other.safetensors" in line
+
+
+def test_a_model_that_does_not_fit_its_data_is_one_sentence_before_the_folder(tmp_path, cli):
+    line = _one_sentence(
+        cli(
+            "train", "task=images", "images.backbone=vit", "model.patch_size=3",
+            f"run_root={tmp_path}", "name=bad",
+        )
+    )  # fmt: skip
+    assert "model.patch_size=3" in line
+    assert not (tmp_path / "bad").exists()

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from pips.config import ConfigError, ImageConfig, ModelConfig
+from pips.config import ImageConfig, ModelConfig
 from pips.losses.pixels import logit_laplace_mean
 from pips.models.build import (
     block_arguments,
@@ -89,7 +89,7 @@ class ImageAutoencoder(nn.Module):
         if self.backbone == "conv":
             factor = 2**images.downsample
             if image_size % factor:
-                raise ConfigError(
+                raise ValueError(
                     f"images of size {image_size} cannot be halved images.downsample="
                     f"{images.downsample} times; use a size divisible by {factor} "
                     f"(images.size) or fewer halvings"
@@ -104,7 +104,7 @@ class ImageAutoencoder(nn.Module):
         elif self.backbone == "vit":
             patch = model.patch_size
             if image_size % patch:
-                raise ConfigError(
+                raise ValueError(
                     f"images of size {image_size} do not split into model.patch_size={patch} "
                     f"patches; use a patch size that divides {image_size} or set images.size"
                 )
@@ -117,7 +117,7 @@ class ImageAutoencoder(nn.Module):
             self.encoder_row = nn.Embedding(self.side, width)
             self.encoder_col = nn.Embedding(self.side, width)
             if width % model.heads:
-                raise ConfigError(
+                raise ValueError(
                     f"model.width={width} is not divisible by model.heads={model.heads}; "
                     "pick a width that is a multiple of the heads"
                 )
@@ -129,7 +129,7 @@ class ImageAutoencoder(nn.Module):
             self.decoder_norm = nn.RMSNorm(width)
             self.head = nn.Linear(width, self.maps * patch_dim)
         else:
-            raise ConfigError(f"images.backbone={self.backbone!r} is unknown; use conv or vit")
+            raise ValueError(f"images.backbone={self.backbone!r} is unknown; use conv or vit")
 
         self.encoder_norm = nn.RMSNorm(width)
         self.to_latent = nn.Linear(width, code_dim) if code_dim != width else nn.Identity()

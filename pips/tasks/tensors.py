@@ -191,10 +191,11 @@ class TensorTask(Task):
 
     # ------------------------------------------------------------------- the interface
     def check_data(self) -> None:
-        """Build the data once before a run folder is made (a missing file, a bad preset or a
-        damaged archive is then one sentence and nothing is written)."""
+        """Build the data and the model once before a run folder is made (a missing file, a bad
+        preset, a damaged archive or a model that does not fit the data is then one sentence and
+        nothing is written)."""
         try:
-            self.datamodule()
+            self.new_model(self.datamodule().shape)
         except (ValueError, OSError) as error:
             raise TaskError(str(error)) from None
 

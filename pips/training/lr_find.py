@@ -41,7 +41,7 @@ def find_learning_rate(
         task = get_task(config)  # any task: its own data and module
         datamodule = task.datamodule()
         module = task.module(datamodule)
-    except TaskError as error:
+    except (TaskError, ValueError) as error:  # models say what does not fit in a ValueError
         raise RunError(str(error)) from None
     trainer = L.Trainer(
         default_root_dir=run_dir,

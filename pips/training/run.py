@@ -423,7 +423,7 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
         task = get_task(config)
         datamodule = task.datamodule()
         module = task.module(datamodule)
-    except TaskError as error:
+    except (TaskError, ValueError) as error:  # models say what does not fit in a ValueError
         raise RunError(str(error)) from None
     if config.trainer.compile:
         module.model.compile()  # in place: the saved weights keep their names
