@@ -130,12 +130,21 @@ class CodeLayout:
         raise NotImplementedError
 
     def lengths(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Real tokens (through the end token) in each row of ``tokens`` [B, T] -> [B]."""
+        """Real tokens (through the end token) of the items that each row of ``tokens`` [B, P]
+        begins, as far as the row tells -> [B]."""
         raise NotImplementedError
+
+    def complete(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Whether each row of ``prefix`` [B, P] already holds a whole item -> [B] bool."""
+        return self.lengths(prefix) <= prefix.shape[1]
 
     def batch(self, codes: list) -> torch.Tensor:
         """Items' codes -> tokens [B, T], rows padded to the longest with forced tokens."""
-        rows = [self.tokens(item) for item in codes]
+        return self.pad([self.tokens(item) for item in codes])
+
+    def pad(self, rows: list) -> torch.Tensor:
+        """Token rows -> [B, T], padded to the longest with forced tokens."""
+        rows = [np.asarray(row) for row in rows]
         width = max(len(row) for row in rows)
         out = np.stack([np.pad(r, (0, width - len(r)), constant_values=self.pad_id) for r in rows])
         return torch.as_tensor(out, dtype=torch.long)
@@ -251,4 +260,5 @@ class SpatialLayout(CodeLayout):
         return low.expand(prefix.shape[0], -1), high.expand(prefix.shape[0], -1)
 
     def lengths(self, tokens: torch.Tensor) -> torch.Tensor:
-        return (3 + self._code_tokens(tokens)).clamp_max(tokens.shape[1])
+        """Through the end token (a prefix without both size tokens: 3, the least)."""
+        return 3 + self._code_tokens(tokens)

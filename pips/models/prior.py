@@ -165,11 +165,12 @@ class CodePrior(nn.Module):
         cache: bool = True,
         return_logits: bool = False,
     ):
-        """``n`` token strings [n, T] (T = the layout's longest, padded after the end); with
-        ``return_logits`` also the (masked, guided, unfiltered) logits each was drawn from."""
+        """``n`` token strings [n, T] (T: until every row is a whole item, padded after its
+        end); with ``return_logits`` also the (masked, guided, unfiltered) logits [n, T, V] each
+        token was drawn from."""
         decoding = self.start(n, length, condition, guidance, cache)
         steps = []
-        for _ in range(decoding.length):
+        while decoding.position < decoding.length and not decoding.complete():
             logits = decoding.next_logits()  # [n, V]
             if return_logits:
                 steps.append(logits)
@@ -179,7 +180,8 @@ class CodePrior(nn.Module):
                 probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
                 token = torch.multinomial(probs, 1, generator=generator)[:, 0]
             decoding.push(token)
-        return (decoding.tokens, torch.stack(steps, 1)) if return_logits else decoding.tokens
+        tokens = decoding.seen
+        return (tokens, torch.stack(steps, 1)) if return_logits else tokens
 
 
 class Decoding:
@@ -208,6 +210,15 @@ class Decoding:
                 prior(p, c)[:, -1] for p, c in zip(prefixes, self.caches, strict=True)
             ]
 
+    @property
+    def seen(self) -> torch.Tensor:
+        """The tokens pushed so far [B, position]."""
+        return self.tokens[:, : self.position]
+
+    def complete(self) -> bool:
+        """Every row holds a whole item (what follows is forced padding)."""
+        return bool(self.prior.layout.complete(self.seen).all())
+
     def next_logits(self) -> torch.Tensor:
         """Masked logits [B, V] of the token at the current position."""
         logits = self.stream_logits[0]
@@ -215,7 +226,7 @@ class Decoding:
             unconditional = self.stream_logits[1]
             logits = unconditional + self.guidance * (logits - unconditional)
         positions = torch.tensor([self.position], device=logits.device)
-        return self.prior.mask(logits[:, None], self.tokens[:, : self.position], positions)[:, 0]
+        return self.prior.mask(logits[:, None], self.seen, positions)[:, 0]
 
     @torch.no_grad()
     def push(self, token: torch.Tensor) -> None:
@@ -227,8 +238,9 @@ class Decoding:
         if self.cached:
             self.stream_logits = [self.prior(token[:, None], c)[:, -1] for c in self.caches]
         else:
-            seen = self.tokens[:, : self.position]
-            self.stream_logits = [self.prior(torch.cat([p, seen], 1))[:, -1] for p in self.prefixes]
+            self.stream_logits = [
+                self.prior(torch.cat([p, self.seen], 1))[:, -1] for p in self.prefixes
+            ]
 
 
 def bits_per_token(prior: CodePrior, tokens: torch.Tensor) -> torch.Tensor:
