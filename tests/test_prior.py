@@ -8,6 +8,7 @@ import torch
 
 from pips.models.code_tokens import IndexSplit, PooledLayout, SpatialLayout
 from pips.models.prior import CodePrior, bits_per_token, filter_logits
+from pips.models.range_coding import compress, decompress
 from pips.quantizers.fsq import FSQ
 
 torch.set_num_threads(1)
@@ -146,3 +147,35 @@ def test_a_tiny_prior_overfits_one_batch():
     with torch.no_grad():
         bits = prior.bits(tokens)
     assert bits.mean().item() < math.log2(8) + 0.05, bits  # from 48 bits a sequence at the start
+
+
+def _coding_prior() -> CodePrior:
+    torch.manual_seed(0)
+    layout = SpatialLayout(max_rows=6, max_cols=6, split=IndexSplit.for_quantizer(FSQ([8] * 4)))
+    return CodePrior(layout, width=32, depth=2, heads=2).eval()
+
+
+def test_range_coder_round_trips_random_and_sampled_items():
+    prior = _coding_prior()
+    layout = prior.layout
+    rng = np.random.default_rng(0)
+    items = [layout.tokens(rng.integers(0, 4096, size=size)) for size in [(1, 1), (6, 6), (2, 5)]]
+    sampled = prior.sample(3, generator=torch.Generator().manual_seed(0))
+    items += [layout.tokens(layout.codes(row.numpy())) for row in sampled]
+    words, _ = compress(prior, items)
+    assert words.dtype == np.uint32
+    decoded = decompress(prior, words, len(items))
+    assert [row.tolist() for row in decoded] == [item.tolist() for item in items]
+
+
+def test_range_coder_length_matches_the_models_bits():
+    prior = _coding_prior()
+    rng = np.random.default_rng(1)
+    sizes = [(3, 4), (6, 5)] * 8  # about 4,100 bits: the coder's final words, up to ~30 bits,
+    items = [prior.layout.tokens(rng.integers(0, 4096, size=size)) for size in sizes]
+    words, model_bits = compress(prior, items)  # are spent once per stream
+    with torch.no_grad():
+        bits = prior.bits(prior.layout.pad(items)).sum().item()
+    assert model_bits == pytest.approx(bits, rel=1e-5)  # the coded probabilities are the model's
+    coded_bits = 32 * len(words)
+    assert abs(coded_bits - model_bits) <= 0.01 * model_bits + 16, (coded_bits, model_bits)
