@@ -108,3 +108,18 @@ def test_spatial_layout_allows_one_field_per_position():
     low, high = layout.allowed(tokens, torch.arange(tokens.shape[1]))
     assert low[0].tolist() == [0, 2, 4, 7] + [7] * (tokens.shape[1] - 4)
     assert high[0].tolist() == [2, 4, 7, 8] + [8] * (tokens.shape[1] - 4)
+
+
+def test_index_factors_are_how_the_quantizers_form_their_indices():
+    rng = np.random.default_rng(3)
+    fsq = FSQ([8, 5, 3])
+    digits = np.stack([rng.integers(0, level, 100) for level in fsq.levels], -1)  # [100, 3]
+    index = sum(digits[:, i] * w for i, (_, w) in enumerate(fsq.index_factors))
+    codes = fsq.indices_to_codes(torch.as_tensor(index))  # channel values in [-1, 1]
+    half = torch.tensor([4.0, 2.0, 1.0])
+    assert ((codes * half).round() + half).long().numpy().tolist() == digits.tolist()
+    gumbel = GumbelQuantizer(4, 16**3, factors=3)
+    digits = torch.as_tensor(rng.integers(0, 16, (100, 3)))
+    index = sum(digits[:, i] * w for i, (_, w) in enumerate(gumbel.index_factors))
+    assert torch.equal(gumbel._combine(digits), index)
+    assert [r for r, _ in LFQ(5).index_factors] == [2] * 5
