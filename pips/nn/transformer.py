@@ -1,5 +1,6 @@
 """Pre-norm transformer blocks: RMSNorm, attention through scaled_dot_product_attention with 2D
-RoPE, optional cross-attention, and a SwiGLU or GELU MLP."""
+RoPE, optional cross-attention, and a SwiGLU or GELU MLP; causal self-attention with a
+preallocated key/value cache for autoregressive decoding."""
 
 from __future__ import annotations
 
@@ -14,11 +15,45 @@ from pips.nn.rope import apply_rope_2d
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
+class KVCache:
+    """One attention layer's keys and values, preallocated ``[B, H, capacity, head_dim]``, with a
+    write cursor: :meth:`append` writes the new positions at the cursor and returns every key and
+    value written so far (views, no copy), so decoding one token costs one row per layer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values  # [B, H, capacity, hd]
+        self.length = 0  # the write cursor: positions filled so far
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, capacity: int, head_dim: int, like: torch.Tensor):
+        shape = (batch, heads, capacity, head_dim)
+        return cls(like.new_zeros(shape), like.new_zeros(shape))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor):
+        """keys, values [B, H, L, hd] at positions cursor..cursor+L-1 -> all so far [B, H, n, hd]."""
+        start, end = self.length, self.length + keys.shape[2]
+        if end > self.capacity:
+            raise ValueError(
+                f"the key/value cache holds {self.capacity} positions; writing {keys.shape[2]} "
+                f"more at position {start} would overflow it: allocate a longer cache"
+            )
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class Attention(nn.Module):
     """Multi-head attention; queries from ``x``, keys/values from ``context`` (default ``x``).
 
     RoPE is applied to the queries with ``query_rope`` and to the keys with ``key_rope`` when
-    given; ``key_padding_mask`` [B, Lk] is True at keys to ignore.
+    given; ``key_padding_mask`` [B, Lk] is True at keys to ignore. ``causal`` lets query ``i``
+    see keys up to its own position only; with a ``cache`` (self-attention) the new keys and
+    values are appended to it and the queries, at the cache's positions, attend to all of it.
     """
 
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
@@ -39,6 +74,8 @@ class Attention(nn.Module):
         query_rope: Rope | None = None,
         key_rope: Rope | None = None,
         key_padding_mask: torch.Tensor | None = None,  # [B, Lk] or [B, Lq, Lk] bool, True = ignore
+        causal: bool = False,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         context = x if context is None else context
         batch, query_length, width = x.shape
@@ -50,14 +87,29 @@ class Attention(nn.Module):
             q = apply_rope_2d(q, query_rope)
         if key_rope is not None:
             k = apply_rope_2d(k, key_rope)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.append(k, v)  # [B, H, start + Lq, hd]
         mask = None
+        if causal and key_padding_mask is not None:
+            raise ValueError("causal attention takes no key padding mask (pad at the end instead)")
+        if causal and start > 0 and query_length > 1:  # a chunk after a prefix: explicit mask
+            query_positions = torch.arange(start, start + query_length, device=x.device)
+            mask = query_positions[:, None] >= torch.arange(k.shape[2], device=x.device)
         if key_padding_mask is not None:
             if key_padding_mask.dim() == 3:  # a mask per query
                 mask = ~key_padding_mask[:, None]  # [B, 1, Lq, Lk] True = attend
             else:
                 mask = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk] True = attend
+        is_causal = causal and start == 0 and query_length > 1  # one query sees every key
         h = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
         )  # [B, H, Lq, hd]
         return self.out(h.transpose(1, 2).reshape(batch, query_length, width))
 
@@ -118,10 +170,14 @@ class Block(nn.Module):
         context: torch.Tensor | None = None,  # [B, Lc, D]
         context_rope: Rope | None = None,
         context_padding_mask: torch.Tensor | None = None,  # [B, Lc] or [B, L, Lc]
+        causal: bool = False,
+        cache: KVCache | None = None,  # this block's self-attention cache
     ) -> torch.Tensor:
         if self.self_attention is not None:
             h = self.self_norm(x)
-            x = x + self.self_attention(h, None, rope, rope, padding_mask)
+            x = x + self.self_attention(
+                h, None, rope, rope, padding_mask, causal=causal, cache=cache
+            )
         if self.cross_attention is not None:
             x = x + self.cross_attention(
                 self.cross_norm(x),

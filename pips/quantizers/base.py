@@ -58,6 +58,14 @@ class Quantizer(nn.Module):
         """Bits carried by one index: log2 of the number of distinct codes."""
         return math.log2(self.codebook_size) if self.codebook_size > 1 else 0.0
 
+    @property
+    def index_factors(self) -> list[tuple[int, int]]:
+        """How an index is made of digits: ``(radix, weight)`` pairs with ``index = sum(digit *
+        weight)``, ``0 <= digit < radix``, in the quantizer's own factor order. One factor (the
+        whole codebook) unless the codebook is a product (FSQ channels, LFQ bits, Gumbel
+        factors); a code prior splits large indices along these factors without loss."""
+        return [(int(self.codebook_size), 1)]
+
 
 def check_code_indices(indices, codebook_size: int, where: str):
     """``indices`` (a numpy array) as integer code indices inside a codebook of

@@ -64,6 +64,14 @@ class FSQ(Quantizer):
             nn.Linear(self.num_channels, self.dim) if needs_projection else nn.Identity()
         )
 
+    @property
+    def index_factors(self) -> list[tuple[int, int]]:
+        """One factor per channel: ``(L_i, prod(L_0..L_{i-1}))``, first channel least significant."""
+        return [
+            (level, int(weight))
+            for level, weight in zip(self.levels, self._basis.tolist(), strict=True)
+        ]
+
     def bound(self, z: torch.Tensor) -> torch.Tensor:
         """Squash each channel into ``(-(L-1)/2 - offset, (L-1)/2 - offset)`` (offset 0.5 for even L).
 

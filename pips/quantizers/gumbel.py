@@ -102,6 +102,11 @@ class GumbelQuantizer(Quantizer):
             "digit_weights", factor_size ** torch.arange(factors - 1, -1, -1), persistent=False
         )
 
+    @property
+    def index_factors(self) -> list[tuple[int, int]]:
+        """One factor per product digit ``(k, k ** (F - 1 - f))``, first factor most significant."""
+        return [(self.factor_size, int(weight)) for weight in self.digit_weights.tolist()]
+
     def compute_logits(self, z: torch.Tensor) -> torch.Tensor:
         """``z: [..., dim]`` (or ``[..., N, dim]`` with slots) -> logits ``[..., K]`` (``[..., N, K]``);
         with factors ``[..., F, k]``."""

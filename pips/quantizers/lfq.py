@@ -105,6 +105,11 @@ class LFQ(Quantizer):
         self.inv_temperature = inv_temperature
         self.register_buffer("_powers", 2 ** torch.arange(dim), persistent=False)  # [dim]
 
+    @property
+    def index_factors(self) -> list[tuple[int, int]]:
+        """One binary factor per bit ``(2, 2 ** i)``, first bit least significant."""
+        return [(2, int(weight)) for weight in self._powers.tolist()]
+
     def forward(self, z: torch.Tensor, **schedule_values: float) -> QuantizerOutput:
         if z.shape[-1] != self.dim:
             raise ValueError(f"LFQ expects z of shape [..., {self.dim}]; got {tuple(z.shape)}")
