@@ -139,13 +139,17 @@ class QuantizerConfig:
     ema_decay: float | None = option(
         0.99, "vq: EMA decay of the codebook (None: codebook loss)", min=0, max=1
     )
-    kmeans_init: bool = option(
-        False, "vq/rvq/gvq: initialise the codebook by k-means on the first batch's vectors"
+    codebook_init: str = option(
+        "sample",
+        "vq/rvq/gvq: where the codes start, on the first training batch: sample = K of its "
+        "vectors (free), kmeans = k-means on them (better, but seconds for thousands of codes on "
+        "CPU), gaussian = unit-Gaussian codes (collapse on features of another scale)",
+        ("sample", "kmeans", "gaussian"),
     )
     dead_code_threshold: float | None = option(
-        None,
-        "vq/rvq/gvq: re-seed codes whose EMA usage (codes per batch) falls below this from the "
-        "batch's vectors (None: never)",
+        0.1,
+        "vq/rvq/gvq: re-seed a code from the batch's vectors when its EMA usage falls below this "
+        "fraction of the uniform share (1/K of all uses; the same at any batch size; None: never)",
         min=0,
     )
     commitment_weight: float = option(0.25, "vq/lfq: commitment loss weight", min=0)

@@ -26,7 +26,7 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
         codebook_size=q.codebook_size,
         ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
-        kmeans_init=q.kmeans_init,
+        codebook_init=q.codebook_init,
         dead_code_threshold=q.dead_code_threshold,
     ),
     "rvq": lambda q, dim, num_slots: dict(
@@ -35,7 +35,7 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
         num_stages=q.num_stages,
         ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
-        kmeans_init=q.kmeans_init,
+        codebook_init=q.codebook_init,
         dead_code_threshold=q.dead_code_threshold,
     ),
     "gvq": lambda q, dim, num_slots: dict(
@@ -44,7 +44,7 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
         groups=q.groups,
         ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
-        kmeans_init=q.kmeans_init,
+        codebook_init=q.codebook_init,
         dead_code_threshold=q.dead_code_threshold,
     ),
     "lfq": lambda q, dim, num_slots: dict(

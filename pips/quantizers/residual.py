@@ -22,7 +22,7 @@ class ResidualVQ(Quantizer):
         num_stages: number of residual stages ``S``.
         shared_codebook: one codebook used by every stage (updated once per stage call).
         **vq_kwargs: passed to each stage's :class:`VectorQuantizer` (``ema_decay``,
-            ``commitment_weight``, ``kmeans_init``, ``dead_code_threshold``, ...); stage ``s`` is
+            ``commitment_weight``, ``codebook_init``, ``dead_code_threshold``, ...); stage ``s`` is
             seeded with ``seed + s``.
     """
 

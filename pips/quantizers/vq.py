@@ -1,10 +1,14 @@
-"""Vector quantization with an EMA codebook, k-means initialisation and dead-code resets.
+"""Vector quantization with an EMA codebook, codes initialised from data and dead-code resets.
 
 van den Oord et al. 2017, "Neural Discrete Representation Learning" (VQ-VAE): nearest code by squared
 L2, straight-through gradient (Eq. 3), codebook trained by EMA (Appendix A.1, Eq. 6-8, with Laplace
 smoothing of the counts as in Sonnet) or by the codebook loss ``||sg[z] - e||^2``, plus the
 commitment loss ``beta ||z - sg[e]||^2``. Dead codes are re-initialised from current inputs as in
-Dhariwal et al. 2020 (Jukebox). ``cosine=True`` uses l2-normalised inputs and codes (Yu et al. 2022,
+Dhariwal et al. 2020 (Jukebox).
+
+The defaults work as a drop-in for features of any scale: the codes start as samples of the first
+training batch (a Gaussian codebook far from small features collapses to a few codes that win every
+input) and codes used less than a tenth of the uniform share are re-seeded from current inputs. ``cosine=True`` uses l2-normalised inputs and codes (Yu et al. 2022,
 ViT-VQGAN).
 
 ``num_codebooks=H`` holds ``H`` independent codebooks applied to ``z: [..., H, dim]`` in one batched
@@ -29,6 +33,8 @@ from pips.quantizers.base import (
 )
 
 RESET_STRATEGIES = ("usage", "distance")
+CODEBOOK_INITS = ("sample", "kmeans", "gaussian")
+DEAD_CODES_STAT_THRESHOLD = 1e-2  # share of the uniform usage below which stats call a code dead
 
 
 class VectorQuantizer(Quantizer):
@@ -44,11 +50,15 @@ class VectorQuantizer(Quantizer):
         cosine: l2-normalise inputs and codes and match by cosine similarity.
         num_codebooks: ``H`` independent codebooks; ``forward`` then expects ``z: [..., H, dim]``.
         epsilon: Laplace smoothing of the EMA counts.
-        kmeans_init: initialise the codebook by k-means on the first training batch.
+        codebook_init: where the codes start, on the first training batch: ``"sample"`` (default)
+            draws ``K`` of its vectors, ``"kmeans"`` runs k-means on it (k-means++ seeding, then
+            Lloyd; better codes, but seconds for K in the thousands on CPU), ``"gaussian"`` keeps the
+            unit-Gaussian draw (far from features of another scale: the codebook collapses).
         kmeans_iters: Lloyd iterations of that k-means.
-        dead_code_threshold: codes whose EMA count falls below this are re-initialised (``None``: off).
-            It also defines ``stats["dead_codes"]`` (``1e-2``, i.e. about one use per 100 steps,
-            when resets are off).
+        dead_code_threshold: a code is dead when its EMA usage falls below this fraction of the
+            uniform share (``ema_count[k] < threshold * sum(ema_count) / K``, the same at any batch
+            size); dead codes are re-initialised from current inputs (``None``: off). It also
+            defines ``stats["dead_codes"]`` (``1e-2`` when resets are off).
         reset_strategy: ``"usage"`` replaces them by random current inputs, ``"distance"`` by the
             current inputs with the largest quantisation error.
         overused_threshold: codes whose EMA usage exceeds this multiple of the uniform share ``1/K``
@@ -71,9 +81,9 @@ class VectorQuantizer(Quantizer):
         cosine: bool = False,
         num_codebooks: int = 1,
         epsilon: float = 1e-5,
-        kmeans_init: bool = False,
+        codebook_init: str = "sample",
         kmeans_iters: int = 10,
-        dead_code_threshold: float | None = None,
+        dead_code_threshold: float | None = 0.1,
         reset_strategy: str = "usage",
         overused_threshold: float | None = None,
         sync_distributed: bool = True,
@@ -91,9 +101,15 @@ class VectorQuantizer(Quantizer):
                 f"VectorQuantizer reset_strategy must be one of {', '.join(RESET_STRATEGIES)}; "
                 f"got {reset_strategy!r}"
             )
+        if codebook_init not in CODEBOOK_INITS:
+            raise ValueError(
+                f"VectorQuantizer codebook_init must be one of {', '.join(CODEBOOK_INITS)}; "
+                f"got {codebook_init!r}"
+            )
         self.dim = dim
         self.codebook_size = codebook_size
         self.num_codebooks = num_codebooks
+        self.codebook_init = codebook_init
         self.ema_decay = ema_decay
         self.usage_decay = ema_decay if ema_decay is not None else 0.99
         self.commitment_weight = commitment_weight
@@ -116,10 +132,11 @@ class VectorQuantizer(Quantizer):
             self.register_buffer("codebooks", codebooks)  # [H, K, dim]
             self.register_buffer("ema_sum", codebooks.clone())  # [H, K, dim]
         self.register_buffer("ema_count", torch.ones(num_codebooks, codebook_size))  # [H, K]
-        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        from_data = codebook_init != "gaussian"
+        self.register_buffer("initialized", torch.tensor(not from_data))
         offsets = torch.arange(num_codebooks) * codebook_size
         self.register_buffer("_offsets", offsets, persistent=False)  # [H]
-        self._initialized_known = not kmeans_init  # Python mirror of `initialized`, avoids a sync
+        self._initialized_known = not from_data  # Python mirror of `initialized`, avoids a sync
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -137,7 +154,7 @@ class VectorQuantizer(Quantizer):
                 inputs = F.normalize(inputs, dim=-1)
             flat = inputs.reshape(-1, heads, dim)  # [N, H, dim]
             if self.training and not self._initialized_known:
-                self._maybe_kmeans_init(flat.detach())
+                self._maybe_init_from_data(flat.detach())
             indices = self.nearest_codes(flat.detach())  # [N, H]
             codes = self._lookup(indices)  # [N, H, dim]
 
@@ -207,10 +224,16 @@ class VectorQuantizer(Quantizer):
 
     def _stats(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         stats = counts_stats(counts)  # batch perplexity and used codes, mean over codebooks
-        threshold = self.dead_code_threshold if self.dead_code_threshold is not None else 1e-2
-        stats["dead_codes"] = (self.ema_count < threshold).sum(-1).float().mean().detach()
+        threshold = self.dead_code_threshold
+        dead = self._dead(threshold if threshold is not None else DEAD_CODES_STAT_THRESHOLD)
+        stats["dead_codes"] = dead.sum(-1).float().mean().detach()
         stats["ema_perplexity"] = perplexity_of_counts(self.ema_count).mean().detach()
         return stats
+
+    def _dead(self, threshold: float) -> torch.Tensor:
+        """Codes used less than ``threshold`` times the uniform share of the EMA counts: ``[H, K]``."""
+        uniform_share = self.ema_count.sum(-1, keepdim=True) / self.codebook_size  # [H, 1]
+        return self.ema_count < threshold * uniform_share
 
     # --- codebook updates (training only) ------------------------------------------------------
 
@@ -257,21 +280,22 @@ class VectorQuantizer(Quantizer):
         """Re-initialise dead (and optionally over-used) codes from current inputs, without a sync."""
         to_reset = torch.zeros_like(self.ema_count, dtype=torch.bool)  # [H, K]
         if self.dead_code_threshold is not None:
-            to_reset |= self.ema_count < self.dead_code_threshold
+            to_reset |= self._dead(self.dead_code_threshold)
         if self.overused_threshold is not None:
             share = self.ema_count / self.ema_count.sum(-1, keepdim=True)
             to_reset |= share > self.overused_threshold / self.codebook_size
         candidates = self._reset_candidates(flat, errors, to_reset)  # [H, K, dim]
         if self.cosine:
             candidates = F.normalize(candidates, dim=-1)
-        new_count = self.dead_code_threshold if self.dead_code_threshold is not None else 1.0
+        # A new code starts with the uniform share, so it has time to win inputs before it is dead.
+        new_count = self.ema_count.sum(-1, keepdim=True) / self.codebook_size  # [H, 1]
         mask = to_reset.unsqueeze(-1)  # [H, K, 1]
         self.codebooks.data.copy_(torch.where(mask, candidates, self.codebooks.data))
-        self.ema_count.copy_(
-            torch.where(to_reset, torch.full_like(self.ema_count, new_count), self.ema_count)
-        )
+        self.ema_count.copy_(torch.where(to_reset, new_count, self.ema_count))
         if self.ema_decay is not None:
-            self.ema_sum.copy_(torch.where(mask, candidates * new_count, self.ema_sum))
+            self.ema_sum.copy_(
+                torch.where(mask, candidates * new_count.unsqueeze(-1), self.ema_sum)
+            )
 
     def _reset_candidates(
         self, flat: torch.Tensor, errors: torch.Tensor | None, to_reset: torch.Tensor
@@ -308,38 +332,67 @@ class VectorQuantizer(Quantizer):
         return worst_inputs[head_index, rank]  # [H, K, dim]
 
     @torch.no_grad()
-    def _maybe_kmeans_init(self, flat: torch.Tensor) -> None:
-        """k-means (k-means++ seeding, then Lloyd) on the first training batch, batched over
-        codebooks; under DDP rank 0's result is broadcast."""
+    def _maybe_init_from_data(self, flat: torch.Tensor) -> None:
+        """Codes from the first training batch (``codebook_init``), batched over codebooks; under
+        DDP rank 0's codes are broadcast, so every rank starts from the same codebook."""
         if bool(self.initialized):  # one sync, once: e.g. after loading a checkpoint
             self._initialized_known = True
             return
-        heads, size, dim = self.num_codebooks, self.codebook_size, self.dim
         data = flat.transpose(0, 1).contiguous()  # [H, N, dim]
-        centers = self._kmeans_plus_plus(data)  # [H, K, dim]
-        counts = torch.zeros(heads, size, device=flat.device)
-        for _ in range(self.kmeans_iters):
-            distances = torch.baddbmm(
-                centers.pow(2).sum(-1).unsqueeze(1), data, centers.transpose(1, 2), alpha=-2
-            )  # [H, N, K]
-            assignment = (distances.argmin(-1) + self._offsets.unsqueeze(1)).reshape(-1)  # [H*N]
-            counts = torch.bincount(assignment, minlength=heads * size).view(heads, size).float()
-            sums = torch.zeros(heads * size, dim, device=flat.device)
-            sums.index_add_(0, assignment, data.reshape(-1, dim))
-            means = sums.view(heads, size, dim) / counts.clamp_min(1).unsqueeze(-1)
-            centers = torch.where(counts.unsqueeze(-1) > 0, means, centers)  # empty clusters stay
-            if self.cosine:
-                centers = F.normalize(centers, dim=-1)
+        if self.codebook_init == "kmeans":
+            centers, counts = self._kmeans(data)
+        else:
+            centers, counts = self._sample(data)
         if self._world_size() > 1:
             dist.broadcast(centers, src=0)
             dist.broadcast(counts, src=0)
-        counts = counts.clamp_min(1.0)
         self.codebooks.data.copy_(centers)
         self.ema_count.copy_(counts)
         if self.ema_decay is not None:
             self.ema_sum.copy_(centers * counts.unsqueeze(-1))
         self.initialized.fill_(True)
         self._initialized_known = True
+
+    def _sample(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``K`` distinct inputs per codebook (with repeats when the batch has fewer), each counted
+        with the uniform share ``N / K``: ``[H, N, dim]`` -> (``[H, K, dim]``, ``[H, K]``)."""
+        heads, num_inputs, _ = data.shape
+        size = self.codebook_size
+        # A child generator: the draws below depend on N, which may differ across ranks, and the
+        # quantizer's own generator must stay in step on every rank for the resets.
+        seed = int(torch.randint(2**62, (1,), generator=self.generator))
+        generator = torch.Generator().manual_seed(seed)
+        if num_inputs >= size:
+            scores = torch.rand(heads, num_inputs, generator=generator)
+            picks = scores.argsort(-1)[:, :size]  # [H, K], without replacement
+        else:
+            picks = torch.randint(num_inputs, (heads, size), generator=generator)
+        head_index = torch.arange(heads).unsqueeze(1)  # [H, 1]
+        centers = data[head_index.to(data.device), picks.to(data.device)]  # [H, K, dim]
+        if self.cosine:
+            centers = F.normalize(centers, dim=-1)
+        counts = torch.full((heads, size), num_inputs / size, device=data.device)
+        return centers, counts
+
+    def _kmeans(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k-means (k-means++ seeding, then ``kmeans_iters`` Lloyd steps): ``[H, N, dim]`` ->
+        (centers ``[H, K, dim]``, cluster sizes ``[H, K]``, at least 1)."""
+        heads, size, dim = self.num_codebooks, self.codebook_size, self.dim
+        centers = self._kmeans_plus_plus(data)  # [H, K, dim]
+        counts = torch.zeros(heads, size, device=data.device)
+        for _ in range(self.kmeans_iters):
+            distances = torch.baddbmm(
+                centers.pow(2).sum(-1).unsqueeze(1), data, centers.transpose(1, 2), alpha=-2
+            )  # [H, N, K]
+            assignment = (distances.argmin(-1) + self._offsets.unsqueeze(1)).reshape(-1)  # [H*N]
+            counts = torch.bincount(assignment, minlength=heads * size).view(heads, size).float()
+            sums = torch.zeros(heads * size, dim, device=data.device)
+            sums.index_add_(0, assignment, data.reshape(-1, dim))
+            means = sums.view(heads, size, dim) / counts.clamp_min(1).unsqueeze(-1)
+            centers = torch.where(counts.unsqueeze(-1) > 0, means, centers)  # empty clusters stay
+            if self.cosine:
+                centers = F.normalize(centers, dim=-1)
+        return centers, counts.clamp_min(1.0)
 
     def _kmeans_plus_plus(self, data: torch.Tensor) -> torch.Tensor:
         """k-means++ seeding (Arthur & Vassilvitskii 2007): each next center is drawn with
