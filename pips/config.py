@@ -114,11 +114,13 @@ class DataConfig:
 @dataclass
 class QuantizerConfig:
     kind: str = option("fsq", "which quantizer", QUANTIZER_KINDS)
-    codebook_size: int = option(512, "codes per codebook (gumbel, vq, rvq, gvq)", min=2)
+    codebook_size: int = option(
+        512, "codes per codebook (gumbel, vq, rvq, gvq; lfq: a power of 2, 2^bits)", min=2
+    )
     levels: list[int] = option([8, 5, 5, 5], "fsq: levels per channel (codes = their product)")
     dim: int | None = option(
         None,
-        "lfq: bits per code; vq/gvq/rvq/gumbel: code vector size (None: the model width)",
+        "size of the vectors the model hands the quantizer (None: the model width)",
         min=1,
     )
     estimator: str = option("soft", "gumbel: gradient estimator", ("soft", "hard", "reinmax"))

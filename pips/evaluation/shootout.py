@@ -36,12 +36,10 @@ def quantizer_overrides(kind: str, bits: int) -> list[str]:
         )
     prefix = "model.quantizer"
     overrides = [f"{prefix}.kind={kind}"]
-    if kind in ("gumbel", "vq"):
+    if kind in ("gumbel", "vq", "lfq"):
         overrides.append(f"{prefix}.codebook_size={2**bits}")
     elif kind == "fsq":
         overrides.append(f"{prefix}.levels={FSQ_LEVELS[bits]}")
-    elif kind == "lfq":
-        overrides.append(f"{prefix}.dim={bits}")
     elif kind == "rvq":
         overrides += [f"{prefix}.num_stages=2", f"{prefix}.codebook_size={2 ** (bits // 2)}"]
     elif kind == "gvq":

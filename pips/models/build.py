@@ -49,6 +49,7 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
     ),
     "lfq": lambda q, dim, num_slots: dict(
         dim=dim,
+        codebook_size=q.codebook_size,
         entropy_weight=q.entropy_weight,
         commitment_weight=q.commitment_weight,
     ),
@@ -56,9 +57,9 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
 }
 
 
-# The size of the vectors a quantizer takes when `model.quantizer.dim` is not set (default: the
-# model width). LFQ's vectors are its bits, so it defaults to 10 bits (1024 codes).
-DEFAULT_CODE_DIM = {"lfq": 10}
+# The size of the vectors a quantizer takes when `model.quantizer.dim` is not set, where it is not
+# the model width. (Every quantizer projects its own vectors now: LFQ width -> its bits and back.)
+DEFAULT_CODE_DIM: dict[str, int] = {}
 
 
 def quantizer_dim(config: QuantizerConfig, width: int) -> int:
