@@ -43,7 +43,19 @@ def _copy(value: Any) -> Any:
     return type(value)(value) if isinstance(value, list | dict) else value
 
 
-QUANTIZER_KINDS = ("gumbel", "fsq", "vq", "rvq", "gvq", "lfq", "none")
+QUANTIZER_KINDS = (
+    "gumbel",
+    "fsq",
+    "vq",
+    "rvq",
+    "gvq",
+    "lfq",
+    "simvq",
+    "product_vq",
+    "residual_fsq",
+    "radial",
+    "none",
+)
 _OFF = Schedule("constant", 0.0)  # the default of every optional loss weight and of mask_ratio
 
 # loss.* weights of terms computed from the quantizer's logits, and those of the KL decomposition
@@ -115,9 +127,16 @@ class DataConfig:
 class QuantizerConfig:
     kind: str = option("fsq", "which quantizer", QUANTIZER_KINDS)
     codebook_size: int = option(
-        512, "codes per codebook (gumbel, vq, rvq, gvq; lfq: a power of 2, 2^bits)", min=2
+        512,
+        "codes per codebook (gumbel, vq, rvq, gvq, simvq; lfq: a power of 2, 2^bits; radial: a "
+        "power of base, base^channels)",
+        min=2,
     )
-    levels: list[int] = option([8, 5, 5, 5], "fsq: levels per channel (codes = their product)")
+    levels: list[int] = option(
+        [8, 5, 5, 5],
+        "fsq, residual_fsq: levels per channel (codes = their product); product_vq: codes per "
+        "feature chunk, one chunk per entry (codes = their product)",
+    )
     dim: int | None = option(
         None,
         "size of the vectors the model hands the quantizer (None: the model width)",
@@ -136,25 +155,45 @@ class QuantizerConfig:
         "sum; costs factors * k head rows instead of codebook_size",
         min=1,
     )
-    num_stages: int = option(4, "rvq: residual stages", min=1)
-    groups: int = option(4, "gvq: feature groups", min=1)
+    num_stages: int = option(4, "rvq, residual_fsq: residual stages", min=1)
+    groups: int = option(
+        4, "gvq: feature groups; product_vq with shared_codebook: feature chunks", min=1
+    )
+    shared_codebook: bool = option(
+        False,
+        "rvq/gvq: one codebook for every stage/group; product_vq: one codebook of `base` codes "
+        "for every chunk (the 'carry' VQ) instead of one of levels[i] codes per chunk",
+    )
+    base: int = option(
+        4,
+        "radial: levels per channel; product_vq with shared_codebook: codes of the one codebook",
+        min=2,
+    )
+    rotation_trick: bool = option(
+        False,
+        "vq/rvq/simvq: pass the gradient to the encoder by the rotation trick (Fifty et al. "
+        "2024) instead of straight-through",
+    )
     ema_decay: float | None = option(
         0.99, "vq: EMA decay of the codebook (None: codebook loss)", min=0, max=1
     )
     codebook_init: str = option(
         "sample",
-        "vq/rvq/gvq: where the codes start, on the first training batch: sample = K of its "
+        "vq/rvq/gvq/product_vq (simvq: its frozen basis, sample or gaussian): where the codes "
+        "start, on the first training batch: sample = K of its "
         "vectors (free), kmeans = k-means on them (better, but seconds for thousands of codes on "
         "CPU), gaussian = unit-Gaussian codes (collapse on features of another scale)",
         ("sample", "kmeans", "gaussian"),
     )
     dead_code_threshold: float | None = option(
         0.1,
-        "vq/rvq/gvq: re-seed a code from the batch's vectors when its EMA usage falls below this "
+        "vq/rvq/gvq/product_vq: re-seed a code from the batch's vectors when its EMA usage falls below this "
         "fraction of the uniform share (1/K of all uses; the same at any batch size; None: never)",
         min=0,
     )
-    commitment_weight: float = option(0.25, "vq/lfq: commitment loss weight", min=0)
+    commitment_weight: float = option(
+        0.25, "vq/rvq/gvq/simvq/product_vq/lfq: commitment loss weight", min=0
+    )
     entropy_weight: float = option(0.1, "lfq: entropy loss weight", min=0)
     temperature: Schedule = option(Schedule("cosine", 1.0, 0.0625), "gumbel: softmax temperature")
     hardness: Schedule = option(Schedule("constant", 0.0), "gumbel: 0 soft ... 1 straight-through")

@@ -24,6 +24,7 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
     "vq": lambda q, dim, num_slots: dict(
         dim=dim,
         codebook_size=q.codebook_size,
+        rotation_trick=q.rotation_trick,
         ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
         codebook_init=q.codebook_init,
@@ -33,6 +34,8 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
         dim=dim,
         codebook_size=q.codebook_size,
         num_stages=q.num_stages,
+        shared_codebook=q.shared_codebook,
+        rotation_trick=q.rotation_trick,
         ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
         codebook_init=q.codebook_init,
@@ -42,6 +45,7 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
         dim=dim,
         codebook_size=q.codebook_size,
         groups=q.groups,
+        shared_codebook=q.shared_codebook,
         ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
         codebook_init=q.codebook_init,
@@ -53,6 +57,28 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
         entropy_weight=q.entropy_weight,
         commitment_weight=q.commitment_weight,
     ),
+    "simvq": lambda q, dim, num_slots: dict(
+        dim=dim,
+        codebook_size=q.codebook_size,
+        commitment_weight=q.commitment_weight,
+        rotation_trick=q.rotation_trick,
+        basis_init=q.codebook_init,
+    ),
+    "product_vq": lambda q, dim, num_slots: dict(
+        dim=dim,
+        levels=q.levels,
+        shared_codebook=q.shared_codebook,
+        base=q.base,
+        num_chunks=q.groups,
+        ema_decay=q.ema_decay,
+        commitment_weight=q.commitment_weight,
+        codebook_init=q.codebook_init,
+        dead_code_threshold=q.dead_code_threshold,
+    ),
+    "residual_fsq": lambda q, dim, num_slots: dict(
+        levels=q.levels, num_stages=q.num_stages, dim=dim
+    ),
+    "radial": lambda q, dim, num_slots: dict(dim=dim, base=q.base, codebook_size=q.codebook_size),
     "none": lambda q, dim, num_slots: dict(dim=dim),
 }
 

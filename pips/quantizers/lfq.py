@@ -28,6 +28,7 @@ from torch import nn
 from pips.quantizers.base import (
     Quantizer,
     QuantizerOutput,
+    linear_projections,
     straight_through_with_commitment,
     usage_stats,
 )
@@ -136,9 +137,7 @@ class LFQ(Quantizer):
         self.diversity_gamma = diversity_gamma
         self.inv_temperature = inv_temperature
         self.register_buffer("_powers", 2 ** torch.arange(bits), persistent=False)  # [b]
-        needs_projection = bits != dim
-        self.project_in = nn.Linear(dim, bits) if needs_projection else nn.Identity()
-        self.project_out = nn.Linear(bits, dim) if needs_projection else nn.Identity()
+        self.project_in, self.project_out = linear_projections(dim, bits)
 
     def forward(self, z: torch.Tensor, **schedule_values: float) -> QuantizerOutput:
         if z.shape[-1] != self.dim:

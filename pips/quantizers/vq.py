@@ -9,7 +9,8 @@ Dhariwal et al. 2020 (Jukebox).
 The defaults work as a drop-in for features of any scale: the codes start as samples of the first
 training batch (a Gaussian codebook far from small features collapses to a few codes that win every
 input) and codes used less than a tenth of the uniform share are re-seeded from current inputs. ``cosine=True`` uses l2-normalised inputs and codes (Yu et al. 2022,
-ViT-VQGAN).
+ViT-VQGAN). ``rotation_trick=True`` replaces the straight-through gradient by the rotation trick
+(Fifty et al. 2024; :mod:`pips.quantizers.rotation`).
 
 ``num_codebooks=H`` holds ``H`` independent codebooks applied to ``z: [..., H, dim]`` in one batched
 computation (used by :class:`~pips.quantizers.group.GroupVQ`).
@@ -23,18 +24,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from pips.quantizers.base import (
+    DEAD_CODES_STAT_THRESHOLD,
     Quantizer,
     QuantizerOutput,
     all_gather_stack,
     counts_stats,
+    dead_code_mask,
     distributed_world_size,
+    nearest_code_indices,
     perplexity_of_counts,
+    sample_codes,
     straight_through_with_commitment,
+    update_usage_ema,
 )
+from pips.quantizers.rotation import rotation_trick_with_commitment
 
 RESET_STRATEGIES = ("usage", "distance")
 CODEBOOK_INITS = ("sample", "kmeans", "gaussian")
-DEAD_CODES_STAT_THRESHOLD = 1e-2  # share of the uniform usage below which stats call a code dead
 
 
 class VectorQuantizer(Quantizer):
@@ -63,6 +69,8 @@ class VectorQuantizer(Quantizer):
             current inputs with the largest quantisation error.
         overused_threshold: codes whose EMA usage exceeds this multiple of the uniform share ``1/K``
             are re-initialised the same way (``None``: off).
+        rotation_trick: pass the gradient to ``z`` by the rotation trick (Fifty et al. 2024)
+            instead of straight-through; the forward value is the code either way.
         sync_distributed: reduce EMA statistics and reset candidates across ranks when
             ``torch.distributed`` is initialised at call time (training only).
         seed: seeds the codebook initialisation, k-means and random resets.
@@ -86,6 +94,7 @@ class VectorQuantizer(Quantizer):
         dead_code_threshold: float | None = 0.1,
         reset_strategy: str = "usage",
         overused_threshold: float | None = None,
+        rotation_trick: bool = False,
         sync_distributed: bool = True,
         seed: int = 0,
     ) -> None:
@@ -120,6 +129,7 @@ class VectorQuantizer(Quantizer):
         self.dead_code_threshold = dead_code_threshold
         self.reset_strategy = reset_strategy
         self.overused_threshold = overused_threshold
+        self.rotation_trick = rotation_trick
         self.sync_distributed = sync_distributed
 
         self.generator = torch.Generator().manual_seed(seed)
@@ -158,8 +168,13 @@ class VectorQuantizer(Quantizer):
             indices = self.nearest_codes(flat.detach())  # [N, H]
             codes = self._lookup(indices)  # [N, H, dim]
 
-            # Straight-through (Eq. 3): forward value exactly the code, gradient identity to z.
-            quantized, commitment = straight_through_with_commitment(flat, codes)
+            # Straight-through (Eq. 3) or the rotation trick: forward value exactly the code.
+            estimator = (
+                rotation_trick_with_commitment
+                if self.rotation_trick
+                else straight_through_with_commitment
+            )
+            quantized, commitment = estimator(flat, codes)
             loss = self.commitment_weight * commitment
             if self.ema_decay is None:
                 loss = loss + self.codebook_weight * F.mse_loss(codes, flat.detach())
@@ -193,12 +208,13 @@ class VectorQuantizer(Quantizer):
     def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each input, ``[N, H, dim]`` -> ``[N, H]``.
 
-        ``argmin_k ||z - e_k||^2 = argmax_k (z.e_k - ||e_k||^2 / 2)``, computed as one matrix product
-        of ``[z, 1]`` with ``[e_k, -||e_k||^2 / 2]``: the norms ride in the GEMM, so there is neither an
-        ``[N, K, dim]`` difference nor a separate pass over the ``[N, K]`` scores to add them
-        (``addmm``'s broadcast bias costs such a pass on CPU). Cosine: the largest dot product.
+        Squared L2 as in :func:`~pips.quantizers.base.nearest_code_indices` (the code norms ride
+        in the GEMM; ``addmm``'s broadcast bias would cost a pass over the ``[N, K]`` scores on
+        CPU), batched over codebooks. Cosine: the largest dot product.
         """
         codebooks = self._codebooks_in_use().detach()  # [H, K, dim]
+        if self.num_codebooks == 1 and not self.cosine:
+            return nearest_code_indices(flat[:, 0], codebooks[0]).unsqueeze(-1)  # [N, 1]
         if not self.cosine:
             ones = flat.new_ones(flat.shape[0], self.num_codebooks, 1)
             flat = torch.cat([flat, ones], dim=-1)  # [N, H, dim + 1]
@@ -232,8 +248,7 @@ class VectorQuantizer(Quantizer):
 
     def _dead(self, threshold: float) -> torch.Tensor:
         """Codes used less than ``threshold`` times the uniform share of the EMA counts: ``[H, K]``."""
-        uniform_share = self.ema_count.sum(-1, keepdim=True) / self.codebook_size  # [H, 1]
-        return self.ema_count < threshold * uniform_share
+        return dead_code_mask(self.ema_count, threshold)
 
     # --- codebook updates (training only) ------------------------------------------------------
 
@@ -260,7 +275,7 @@ class VectorQuantizer(Quantizer):
         counts = counts.view(heads, size)  # [H, K]
 
         decay = self.usage_decay
-        self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
+        update_usage_ema(self.ema_count, counts, decay)
         if self.ema_decay is not None:
             self.ema_sum.mul_(decay).add_(sums.view(heads, size, dim), alpha=1 - decay)
             total = self.ema_count.sum(-1, keepdim=True)  # [H, 1]
@@ -354,24 +369,13 @@ class VectorQuantizer(Quantizer):
         self._initialized_known = True
 
     def _sample(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``K`` distinct inputs per codebook (with repeats when the batch has fewer), each counted
-        with the uniform share ``N / K``: ``[H, N, dim]`` -> (``[H, K, dim]``, ``[H, K]``)."""
-        heads, num_inputs, _ = data.shape
-        size = self.codebook_size
-        # A child generator: the draws below depend on N, which may differ across ranks, and the
-        # quantizer's own generator must stay in step on every rank for the resets.
-        seed = int(torch.randint(2**62, (1,), generator=self.generator))
-        generator = torch.Generator().manual_seed(seed)
-        if num_inputs >= size:
-            scores = torch.rand(heads, num_inputs, generator=generator)
-            picks = scores.argsort(-1)[:, :size]  # [H, K], without replacement
-        else:
-            picks = torch.randint(num_inputs, (heads, size), generator=generator)
-        head_index = torch.arange(heads).unsqueeze(1)  # [H, 1]
-        centers = data[head_index.to(data.device), picks.to(data.device)]  # [H, K, dim]
+        """``K`` inputs per codebook, each counted with the uniform share ``N / K``."""
+        centers = sample_codes(data, self.codebook_size, self.generator)  # [H, K, dim]
         if self.cosine:
             centers = F.normalize(centers, dim=-1)
-        counts = torch.full((heads, size), num_inputs / size, device=data.device)
+        counts = torch.full(
+            centers.shape[:2], data.shape[1] / self.codebook_size, device=data.device
+        )
         return centers, counts
 
     def _kmeans(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
