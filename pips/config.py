@@ -240,6 +240,12 @@ class LossConfig:
     pad_weight: float = option(0.0, "weight of PAD/EOS cells in the cell loss (0: ignored)", min=0)
     focal_gamma: float = option(0.0, "focal loss gamma (0: plain cross-entropy)", min=0)
     label_smoothing: float = option(0.0, "label smoothing of the cell loss", min=0, max=1)
+    stablemax: bool = option(
+        False,
+        "cell/token loss: StableMax cross-entropy (Prieto et al. 2025; s(x) = x + 1 for x >= 0, "
+        "1 / (1 - x) below, normalised) instead of softmax, in float64 (float32 under mixed "
+        "precision): no Softmax Collapse, so no gradient lost to rounding",
+    )
     shape_weight: float = option(1.0, "weight of the height/width cross-entropy", min=0)
     quantizer_weight: Schedule = option(
         Schedule("constant", 1.0), "weight of the quantizer's own loss"
@@ -315,6 +321,12 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = option(
+        "adamw",
+        "optimizer: adamw, or orthograd (⊥Grad, Prieto et al. 2025: AdamW stepping on each "
+        "gradient minus its component along the weights, rescaled to the gradient's norm)",
+        ("adamw", "orthograd"),
+    )
     lr: Schedule = option(Schedule("cosine", 1e-3, 1e-5, None, 100), "learning rate")
     weight_decay: float = option(0.01, "AdamW weight decay (only tensors with >= 2 dims)", min=0)
     beta1: float = option(0.9, "AdamW beta1", min=0, max=1)

@@ -34,6 +34,7 @@ from pips.losses import (
     weighted_cross_entropy,
 )
 from pips.models.grid_dvae import GridDVAE, GridDVAEOutput
+from pips.optim import OPTIMIZERS
 from pips.schedules import Schedule
 
 # loss.mi/tc/dwkl -> the KLDecomposition field that holds the term
@@ -295,7 +296,7 @@ class CodeModule(L.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         # lr=1 and a LambdaLR returning the scheduled value: the Schedule is the learning rate
-        optimizer = torch.optim.AdamW(
+        optimizer = OPTIMIZERS[optim.name](
             groups,
             lr=1.0,
             betas=(optim.beta1, optim.beta2),
@@ -335,6 +336,7 @@ class GridDVAEModule(CodeModule):
             weights,
             loss_config.focal_gamma,
             loss_config.label_smoothing,
+            loss_config.stablemax,
         )
         shape = output.cell_logits.new_zeros(())
         if not self.sizes_from_cells:  # else the size is read off the decoded PAD/EOS cells

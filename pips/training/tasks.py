@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from pips.config import Config
 from pips.evaluation.metrics import perplexity
+from pips.losses.stablemax import stablemax_cross_entropy
 from pips.training.callbacks import PeriodicDrawing
 from pips.training.module import CodeModule
 
@@ -507,6 +508,13 @@ class SequenceModule(AutoencoderModule):
         return batch.tokens
 
     def reconstruction_loss(self, output, batch: SequenceBatch) -> torch.Tensor:
+        if self.config.loss.stablemax:
+            logits = output.token_logits
+            return stablemax_cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                batch.tokens.reshape(-1),
+                label_smoothing=self.config.loss.label_smoothing,
+            )
         logits = output.token_logits.float()
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
