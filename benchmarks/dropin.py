@@ -29,37 +29,22 @@ from torch import nn
 FEATURES = 32  # channels of the latent grid = the quantizer's dim
 CODEBOOK_SIZE = 256
 
-# Each quantizer at its defaults, given only the feature size and a codebook of ~256 codes.
-PIPS_DEFAULTS: dict[str, Callable[[], nn.Module]] = {}
 
-
-def _register_pips_defaults() -> None:
+def pips_defaults() -> dict[str, Callable[[], nn.Module]]:
+    """Each PIPS quantizer at its defaults, given the feature size and ~256 codes (8 bits)."""
     from pips import quantizers as q
 
-    PIPS_DEFAULTS.update(
-        {
-            "vq": lambda: q.VectorQuantizer(dim=FEATURES, codebook_size=CODEBOOK_SIZE),
-            "rvq": lambda: q.ResidualVQ(dim=FEATURES, codebook_size=CODEBOOK_SIZE, num_stages=4),
-            "gvq": lambda: q.GroupVQ(dim=FEATURES, codebook_size=CODEBOOK_SIZE, groups=4),
-        }
-    )
-    optional = {
+    return {
+        "vq": lambda: q.VectorQuantizer(dim=FEATURES, codebook_size=CODEBOOK_SIZE),
+        "rvq": lambda: q.ResidualVQ(dim=FEATURES, codebook_size=CODEBOOK_SIZE, num_stages=4),
+        "gvq": lambda: q.GroupVQ(dim=FEATURES, codebook_size=CODEBOOK_SIZE, groups=4),
         "simvq": lambda: q.SimVQ(dim=FEATURES, codebook_size=CODEBOOK_SIZE),
         "product_vq": lambda: q.ProductVQ(dim=FEATURES, levels=[16, 16]),
-        "lfq": lambda: q.LFQ(dim=FEATURES, codebook_bits=8),
+        "lfq": lambda: q.LFQ(dim=FEATURES, codebook_size=CODEBOOK_SIZE),
         "fsq": lambda: q.FSQ(levels=[8, 6, 5], dim=FEATURES),
-        "residual_fsq": lambda: q.ResidualFSQ(levels=[8, 6, 5], dim=FEATURES, num_stages=4),
-        "radial": lambda: q.RadialQuantizer(dim=FEATURES, codebook_bits=8),
+        "residual_fsq": lambda: q.ResidualFSQ(levels=[8, 6, 5], num_stages=4, dim=FEATURES),
+        "radial": lambda: q.RadialQuantizer(dim=FEATURES, codebook_size=CODEBOOK_SIZE),
     }
-    names = {
-        "simvq": "SimVQ",
-        "product_vq": "ProductVQ",
-        "residual_fsq": "ResidualFSQ",
-        "radial": "RadialQuantizer",
-    }
-    for kind, make in optional.items():
-        if hasattr(q, names.get(kind, "VectorQuantizer")):
-            PIPS_DEFAULTS[kind] = make
 
 
 def digits_16x16(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +171,7 @@ def main() -> None:
     parser.add_argument("--no-theirs", action="store_true", help="skip vector-quantize-pytorch")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    _register_pips_defaults()
-    cases = {kind: (make, None) for kind, make in PIPS_DEFAULTS.items()}
+    cases = {kind: (make, None) for kind, make in pips_defaults().items()}
     if args.kinds is not None:
         cases = {kind: cases[kind] for kind in args.kinds if kind in cases}
     if not args.no_theirs:

@@ -186,7 +186,7 @@ class QuantizerConfig:
         ("sample", "kmeans", "gaussian"),
     )
     dead_code_threshold: float | None = option(
-        0.1,
+        0.3,
         "vq/rvq/gvq/product_vq: re-seed a code from the batch's vectors when its EMA usage falls below this "
         "fraction of the uniform share (1/K of all uses; the same at any batch size; None: never)",
         min=0,
