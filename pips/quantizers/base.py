@@ -90,17 +90,34 @@ def linear_projections(dim: int, channels: int) -> tuple[nn.Module, nn.Module]:
 
 
 @torch.no_grad()
-def nearest_code_indices(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+def nearest_code_indices(
+    flat: torch.Tensor, codebook: torch.Tensor, owner: nn.Module | None = None
+) -> torch.Tensor:
     """Index of the nearest code (squared L2) for each input, ``[N, dim]``, ``[K, dim]`` -> ``[N]``.
 
     ``argmin_k ||z - e_k||^2 = argmax_k (z.e_k - ||e_k||^2 / 2)``, computed as one matrix product of
     ``[z, 1]`` with ``[e_k, -||e_k||^2 / 2]``: the norms ride in the GEMM, so there is neither an
-    ``[N, K, dim]`` difference nor a separate pass over the ``[N, K]`` scores to add them.
+    ``[N, K, dim]`` difference nor a separate pass over the ``[N, K]`` scores to add them. With an
+    ``owner`` module the ``[N, K]`` scores on CPU go to a buffer it keeps between calls: a fresh
+    32 MiB tensor each step (N = 16k, K = 512) costs page faults worth a third of the search.
     """
     ones = flat.new_ones(flat.shape[0], 1)
     half_sq_norms = codebook.pow(2).sum(-1, keepdim=True) / 2  # [K, 1]
-    scores = torch.cat([flat, ones], -1) @ torch.cat([codebook, -half_sq_norms], -1).t()  # [N, K]
-    return scores.argmax(-1)
+    augmented = torch.cat([flat, ones], -1)  # [N, dim + 1]
+    codes = torch.cat([codebook, -half_sq_norms], -1).t()  # [dim + 1, K]
+    if owner is None or flat.device.type != "cpu":
+        return (augmented @ codes).argmax(-1)  # [N, K] -> [N]
+    return torch.mm(augmented, codes, out=_scores_buffer(owner, flat.shape[0], codes)).argmax(-1)
+
+
+def _scores_buffer(owner: nn.Module, rows: int, codes: torch.Tensor) -> torch.Tensor:
+    """A ``[rows, K]`` view of a buffer ``owner`` keeps (grown when a batch is larger)."""
+    size = rows * codes.shape[1]
+    buffer = getattr(owner, "_scores_buffer", None)
+    if buffer is None or buffer.dtype != codes.dtype or buffer.numel() < size:
+        buffer = torch.empty(size, dtype=codes.dtype)
+        owner._scores_buffer = buffer  # a plain attribute: not state, not saved
+    return buffer[:size].view(rows, codes.shape[1])
 
 
 @torch.no_grad()

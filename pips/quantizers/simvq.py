@@ -102,7 +102,7 @@ class SimVQ(Quantizer):
             if self.training and not self._initialized_known:
                 self._maybe_sample_basis(flat.detach())
             codebook = self.codebook  # [K, dim]
-            indices = nearest_code_indices(flat.detach(), codebook.detach())  # [N]
+            indices = nearest_code_indices(flat.detach(), codebook.detach(), owner=self)  # [N]
             codes = F.embedding(indices, codebook)  # [N, dim], gradient to W
             estimator = (
                 rotation_trick_with_commitment

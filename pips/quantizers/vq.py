@@ -217,7 +217,7 @@ class VectorQuantizer(Quantizer):
         """
         codebooks = self._codebooks_in_use().detach()  # [H, K, dim]
         if self.num_codebooks == 1 and not self.cosine:
-            return nearest_code_indices(flat[:, 0], codebooks[0]).unsqueeze(-1)  # [N, 1]
+            return nearest_code_indices(flat[:, 0], codebooks[0], owner=self).unsqueeze(-1)
         if not self.cosine:
             ones = flat.new_ones(flat.shape[0], self.num_codebooks, 1)
             flat = torch.cat([flat, ones], dim=-1)  # [N, H, dim + 1]
