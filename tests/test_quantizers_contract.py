@@ -89,3 +89,13 @@ def test_fused_straight_through_matches_the_two_line_reference():
         straight_through_with_commitment(inputs, codes)[0].sum(), inputs
     )
     torch.testing.assert_close(only_quantized, torch.ones(6, 5))
+
+
+@pytest.mark.parametrize("kind", sorted(set(SMALL_KWARGS) - {"none"}))
+def test_bits_per_code_counts_every_index_of_a_vector(kind):
+    import math
+
+    quantizer = QUANTIZERS[kind](**SMALL_KWARGS[kind]).eval()
+    indices = quantizer(torch.randn(2, DIM)).indices
+    levels = indices.shape[-1] if indices.dim() == 2 else 1
+    assert quantizer.bits_per_code == pytest.approx(levels * math.log2(quantizer.codebook_size))

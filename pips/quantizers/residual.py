@@ -9,6 +9,8 @@ straight-through copy.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -91,6 +93,11 @@ class ResidualVQ(Quantizer):
         for index, stats_of_stage in enumerate(stage_stats):
             stats[f"perplexity_stage{index}"] = stats_of_stage["perplexity"]
         return QuantizerOutput(quantized.to(z.dtype), indices, loss, None, stats)
+
+    @property
+    def bits_per_code(self) -> float:
+        """Bits of one vector's indices: ``num_stages`` indices of ``log2(codebook_size)`` bits each."""
+        return self.num_stages * math.log2(self.codebook_size)
 
     def codes_to_quantized(self, indices: torch.Tensor) -> torch.Tensor:
         """Sum of the stage codes; ``indices [..., s]`` with ``s <= S`` decodes the first ``s`` stages."""

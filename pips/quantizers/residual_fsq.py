@@ -87,6 +87,11 @@ class ResidualFSQ(Quantizer):
         loss = z.new_zeros((), dtype=torch.float32)
         return QuantizerOutput(out, indices, loss, None, stats)
 
+    @property
+    def bits_per_code(self) -> float:
+        """Bits of one vector's indices: ``num_stages`` indices of ``log2(codebook_size)`` bits each."""
+        return self.num_stages * math.log2(self.codebook_size)
+
     def codes_to_quantized(self, indices: torch.Tensor) -> torch.Tensor:
         """Sum of the scaled stage codes; ``indices [..., s]`` with ``s <= S`` decodes ``s`` stages."""
         if indices.shape[-1] > self.num_stages:
