@@ -179,7 +179,7 @@ class QuantizerConfig:
     )
     codebook_init: str = option(
         "sample",
-        "vq/rvq/gvq/product_vq (simvq: its frozen basis, sample or gaussian): where the codes "
+        "vq/rvq/gvq/product_vq (simvq: its frozen basis; kmeans samples): where the codes "
         "start, on the first training batch: sample = K of its "
         "vectors (free), kmeans = k-means on them (better, but seconds for thousands of codes on "
         "CPU), gaussian = unit-Gaussian codes (collapse on features of another scale)",

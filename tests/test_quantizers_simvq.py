@@ -66,3 +66,14 @@ def test_sample_basis_is_drawn_from_the_first_batch():
 def test_simvq_rejects_an_unknown_basis_init():
     with pytest.raises(ValueError, match="basis_init must be one of sample, gaussian"):
         SimVQ(4, 8, basis_init="kmeans")
+
+
+def test_a_config_asking_for_kmeans_codes_builds_simvq_with_a_sampled_basis():
+    from pips.config import load_config
+    from pips.models.build import build_quantizer
+
+    config = load_config(
+        overrides=["model.quantizer.kind=simvq", "model.quantizer.codebook_init=kmeans"]
+    )
+    simvq = build_quantizer(config.model.quantizer, 16, None)
+    assert isinstance(simvq, SimVQ) and not bool(simvq.initialized)  # sampled on the first batch

@@ -62,7 +62,7 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
         codebook_size=q.codebook_size,
         commitment_weight=q.commitment_weight,
         rotation_trick=q.rotation_trick,
-        basis_init=q.codebook_init,
+        basis_init="gaussian" if q.codebook_init == "gaussian" else "sample",  # no k-means basis
     ),
     "product_vq": lambda q, dim, num_slots: dict(
         dim=dim,
