@@ -4,16 +4,16 @@ van den Oord et al. 2017, "Neural Discrete Representation Learning" (VQ-VAE): ne
 L2, straight-through gradient (Eq. 3), codebook trained by EMA (Appendix A.1, Eq. 6-8, with Laplace
 smoothing of the counts as in Sonnet) or by the codebook loss ``||sg[z] - e||^2``, plus the
 commitment loss ``beta ||z - sg[e]||^2``. Dead codes are re-initialised from current inputs as in
-Dhariwal et al. 2020 (Jukebox).
+Dhariwal et al. 2020 (Jukebox). ``cosine=True`` uses l2-normalised inputs and codes (Yu et al.
+2022, ViT-VQGAN). ``rotation_trick=True`` replaces the straight-through gradient by the rotation
+trick (Fifty et al. 2024; :mod:`pips.quantizers.rotation`).
 
 The defaults work as a drop-in for features of any scale: the codes start as samples of the first
 training batch (a Gaussian codebook far from small features collapses to a few codes that win every
 input) and codes used less than 0.3 times the uniform share are re-seeded from current inputs
 (0.1 took ~230 steps at decay 0.99 to notice codes the encoder left behind: 7-16% of 256 codes were
 in use after 200 steps of ``benchmarks/dropin.py``, against 92-94% at 0.3, and the same 97-99% at
-600 steps). ``cosine=True`` uses l2-normalised inputs and codes (Yu et al. 2022,
-ViT-VQGAN). ``rotation_trick=True`` replaces the straight-through gradient by the rotation trick
-(Fifty et al. 2024; :mod:`pips.quantizers.rotation`).
+600 steps).
 
 ``num_codebooks=H`` holds ``H`` independent codebooks applied to ``z: [..., H, dim]`` in one batched
 computation (used by :class:`~pips.quantizers.group.GroupVQ`).
