@@ -1,12 +1,15 @@
 """Speed and peak memory of the PIPS quantizers beside vector-quantize-pytorch, in one run.
 
-Every case times one training step: forward + backward + codebook update, train mode, the
-straight-through estimator on both sides (the other library's rotation trick is turned off), the same
-input tensor for both. Ratios are measured in this run: ours and theirs are timed alternately, the
+Every case times one training step: forward + backward + codebook update (EMA in the forward; an
+SGD step for SimVQ's learned map), train mode, the same input tensor for both. The straight-through
+estimator on both sides (the other library's default rotation trick turned off), except in the
+rotation-trick cases, where both use it. Ours run at their defaults (codes sampled from the first
+batch, dead-code resets on); theirs at theirs (no resets). Ratios are measured in this run: ours and theirs are timed alternately, the
 median of at least ``--repeats`` runs (more for fast cases, about 0.5 s each) after warm-up.
 
     .venv/bin/python benchmarks/quantizers.py            # CPU, 1 thread (stable on shared machines)
     .venv/bin/python benchmarks/quantizers.py --threads 8 --device cuda
+    .venv/bin/python benchmarks/quantizers.py --cases rotation SimVQ   # cases whose name matches
 
 The other library is optional (``pip install -e '.[bench]'``); without it only our numbers print.
 Peak memory: extra bytes allocated during one step (CUDA: ``max_memory_allocated``; CPU: the torch
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pips.quantizers import FSQ, LFQ, GroupVQ, ResidualVQ, VectorQuantizer
+from pips.quantizers import FSQ, LFQ, GroupVQ, ResidualVQ, SimVQ, VectorQuantizer
 
 try:
     import vector_quantize_pytorch as vqp
@@ -48,10 +51,14 @@ class Case:
     target: str = ""
 
 
-def training_step(module: torch.nn.Module, z: torch.Tensor, unpack: Callable) -> Callable[[], None]:
-    """One forward + backward with a fixed upstream gradient on the output plus the aux loss."""
+def training_step(
+    module: torch.nn.Module, z: torch.Tensor, unpack: Callable, update: bool = False
+) -> Callable[[], None]:
+    """One forward + backward with a fixed upstream gradient on the output plus the aux loss;
+    ``update`` adds an SGD step on the module's parameters (a learned codebook's update)."""
     module.train()
     upstream = torch.randn_like(z)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3) if update else None
 
     def step() -> None:
         z.grad = None
@@ -61,6 +68,9 @@ def training_step(module: torch.nn.Module, z: torch.Tensor, unpack: Callable) ->
             outputs.append(loss)
             grads.append(torch.ones_like(loss))
         torch.autograd.backward(outputs, grads)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return step
 
@@ -112,6 +122,54 @@ def build_cases(z: torch.Tensor, z_bits: torch.Tensor) -> list[Case]:
                 target="ours <= 2.5x matmul",
             )
         )
+    cases.append(
+        Case(
+            "VQ rotation trick K=512",
+            lambda: training_step(
+                VectorQuantizer(DIM, 512, rotation_trick=True).to(device), z, ours
+            ),
+            lambda: training_step(
+                vqp.VectorQuantize(
+                    dim=DIM,
+                    codebook_size=512,
+                    decay=0.99,
+                    commitment_weight=0.25,
+                    rotation_trick=True,
+                ).to(device),
+                z,
+                theirs_vq,
+            ),
+            target="theirs >= 2x ours",
+        )
+    )
+    cases.append(
+        Case(
+            "SimVQ rotation K=512",
+            lambda: training_step(
+                SimVQ(DIM, 512, rotation_trick=True).to(device), z, ours, update=True
+            ),
+            lambda: training_step(
+                vqp.SimVQ(dim=DIM, codebook_size=512, rotation_trick=True).to(device),
+                z,
+                theirs_vq,
+                update=True,
+            ),
+            target="theirs >= 2x ours",
+        )
+    )
+    cases.append(
+        Case(
+            "SimVQ ST K=512",
+            lambda: training_step(SimVQ(DIM, 512).to(device), z, ours, update=True),
+            lambda: training_step(
+                vqp.SimVQ(dim=DIM, codebook_size=512, rotation_trick=False).to(device),
+                z,
+                theirs_vq,
+                update=True,
+            ),
+            target="theirs >= 2x ours",
+        )
+    )
     cases.append(
         Case(
             "LFQ 2^10 + entropy",
@@ -253,6 +311,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="minimum timed runs per case")
+    parser.add_argument("--cases", nargs="*", default=None, help="run cases whose name has one")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -276,6 +335,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for case in build_cases(z, z_bits):
+        if args.cases and not any(part in case.name for part in args.cases):
+            continue
         steps = [case.ours()]
         if case.theirs is not None and vqp is not None:
             steps.append(case.theirs())

@@ -522,7 +522,19 @@ def lr_find(
     typer.echo(f"use it with: optim.lr.start={suggestion:.3g}")
 
 
-KIND_NAMES = ("gumbel", "vq", "fsq", "lfq", "rvq", "gvq", "none")  # = shootout.KINDS (tested)
+KIND_NAMES = (  # = shootout.KINDS (tested)
+    "gumbel",
+    "vq",
+    "fsq",
+    "lfq",
+    "rvq",
+    "gvq",
+    "simvq",
+    "product_vq",
+    "residual_fsq",
+    "radial",
+    "none",
+)
 
 
 @app.command()

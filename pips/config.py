@@ -48,7 +48,19 @@ def _copy(value: Any) -> Any:
     return type(value)(value) if isinstance(value, list | dict) else value
 
 
-QUANTIZER_KINDS = ("gumbel", "fsq", "vq", "rvq", "gvq", "lfq", "none")
+QUANTIZER_KINDS = (
+    "gumbel",
+    "fsq",
+    "vq",
+    "rvq",
+    "gvq",
+    "lfq",
+    "simvq",
+    "product_vq",
+    "residual_fsq",
+    "radial",
+    "none",
+)
 _OFF = Schedule("constant", 0.0)  # the default of every optional loss weight and of mask_ratio
 
 # loss.* weights of terms computed from the quantizer's logits, and those of the KL decomposition
@@ -127,11 +139,20 @@ class GridsConfig:
 @dataclass
 class QuantizerConfig:
     kind: str = option("fsq", "which quantizer", QUANTIZER_KINDS)
-    codebook_size: int = option(512, "codes per codebook (gumbel, vq, rvq, gvq)", min=2)
-    levels: list[int] = option([8, 5, 5, 5], "fsq: levels per channel (codes = their product)")
+    codebook_size: int = option(
+        512,
+        "codes per codebook (gumbel, vq, rvq, gvq, simvq; lfq: a power of 2, 2^bits; radial: a "
+        "power of base, base^channels)",
+        min=2,
+    )
+    levels: list[int] = option(
+        [8, 5, 5, 5],
+        "fsq, residual_fsq: levels per channel (codes = their product); product_vq: codes per "
+        "feature chunk, one chunk per entry (codes = their product)",
+    )
     dim: int | None = option(
         None,
-        "lfq: bits per code; vq/gvq/rvq/gumbel: code vector size (None: the model width)",
+        "size of the vectors the model hands the quantizer (None: the model width)",
         min=1,
     )
     estimator: str = option("soft", "gumbel: gradient estimator", ("soft", "hard", "reinmax"))
@@ -147,21 +168,45 @@ class QuantizerConfig:
         "sum; costs factors * k head rows instead of codebook_size",
         min=1,
     )
-    num_stages: int = option(4, "rvq: residual stages", min=1)
-    groups: int = option(4, "gvq: feature groups", min=1)
+    num_stages: int = option(4, "rvq, residual_fsq: residual stages", min=1)
+    groups: int = option(
+        4, "gvq: feature groups; product_vq with shared_codebook: feature chunks", min=1
+    )
+    shared_codebook: bool = option(
+        False,
+        "rvq/gvq: one codebook for every stage/group; product_vq: one codebook of `base` codes "
+        "for every chunk (the 'carry' VQ) instead of one of levels[i] codes per chunk",
+    )
+    base: int = option(
+        4,
+        "radial: levels per channel; product_vq with shared_codebook: codes of the one codebook",
+        min=2,
+    )
+    rotation_trick: bool = option(
+        False,
+        "vq/rvq/simvq: pass the gradient to the encoder by the rotation trick (Fifty et al. "
+        "2024) instead of straight-through",
+    )
     ema_decay: float | None = option(
         0.99, "vq: EMA decay of the codebook (None: codebook loss)", min=0, max=1
     )
-    kmeans_init: bool = option(
-        False, "vq/rvq/gvq: initialise the codebook by k-means on the first batch's vectors"
+    codebook_init: str = option(
+        "sample",
+        "vq/rvq/gvq/product_vq (simvq: its frozen basis; kmeans samples): where the codes "
+        "start, on the first training batch: sample = K of its "
+        "vectors (free), kmeans = k-means on them (better, but seconds for thousands of codes on "
+        "CPU), gaussian = unit-Gaussian codes (collapse on features of another scale)",
+        ("sample", "kmeans", "gaussian"),
     )
     dead_code_threshold: float | None = option(
-        None,
-        "vq/rvq/gvq: re-seed codes whose EMA usage (codes per batch) falls below this from the "
-        "batch's vectors (None: never)",
+        0.3,
+        "vq/rvq/gvq/product_vq: re-seed a code from the batch's vectors when its EMA usage falls below this "
+        "fraction of the uniform share (1/K of all uses; the same at any batch size; None: never)",
         min=0,
     )
-    commitment_weight: float = option(0.25, "vq/lfq: commitment loss weight", min=0)
+    commitment_weight: float = option(
+        0.25, "vq/rvq/gvq/simvq/product_vq/lfq: commitment loss weight", min=0
+    )
     entropy_weight: float = option(0.1, "lfq: entropy loss weight", min=0)
     temperature: Schedule = option(Schedule("cosine", 1.0, 0.0625), "gumbel: softmax temperature")
     hardness: Schedule = option(Schedule("constant", 0.0), "gumbel: 0 soft ... 1 straight-through")
@@ -220,6 +265,12 @@ class LossConfig:
     pad_weight: float = option(0.0, "weight of PAD/EOS cells in the cell loss (0: ignored)", min=0)
     focal_gamma: float = option(0.0, "focal loss gamma (0: plain cross-entropy)", min=0)
     label_smoothing: float = option(0.0, "label smoothing of the cell loss", min=0, max=1)
+    stablemax: bool = option(
+        False,
+        "cell/token loss: StableMax cross-entropy (Prieto et al. 2025; s(x) = x + 1 for x >= 0, "
+        "1 / (1 - x) below, normalised) instead of softmax, in float64 (float32 under mixed "
+        "precision): no Softmax Collapse, so no gradient lost to rounding",
+    )
     shape_weight: float = option(1.0, "weight of the height/width cross-entropy", min=0)
     quantizer_weight: Schedule = option(
         Schedule("constant", 1.0), "weight of the quantizer's own loss"
@@ -295,6 +346,12 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = option(
+        "adamw",
+        "optimizer: adamw, or orthograd (⊥Grad, Prieto et al. 2025: AdamW stepping on each "
+        "gradient minus its component along the weights, rescaled to the gradient's norm)",
+        ("adamw", "orthograd"),
+    )
     lr: Schedule = option(Schedule("cosine", 1e-3, 1e-5, None, 100), "learning rate", min=0)
     weight_decay: float = option(0.01, "AdamW weight decay (only tensors with >= 2 dims)", min=0)
     beta1: float = option(0.9, "AdamW beta1", min=0, max=1)
@@ -806,13 +863,21 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     """A config written before tasks had their own sections -> today's layout (a copy).
 
     ``data.source`` and the other grid keys move to ``grids.*``, ``images.patch_size`` to
-    ``model.patch_size``, and ``model.size_from`` records the size rule the old code inferred
-    from the loss (spatial with ``loss.pad_weight > 0``: cells; else heads). A current config
-    comes back unchanged.
+    ``model.patch_size``, ``model.size_from`` records the size rule the old code inferred from
+    the loss (spatial with ``loss.pad_weight > 0``: cells; else heads), and
+    ``model.quantizer.kmeans_init`` becomes ``codebook_init`` (kmeans, or the gaussian init the
+    old default used). A current config comes back unchanged.
     """
     if not isinstance(values, dict):
         return values
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    quantizer = (values.get("model") or {}).get("quantizer")
+    if isinstance(quantizer, dict) and "kmeans_init" in quantizer:
+        # before data-based init was the default: kmeans_init true/false -> codebook_init
+        quantizer = dict(quantizer)
+        old_init = quantizer.pop("kmeans_init")
+        quantizer.setdefault("codebook_init", "kmeans" if old_init else "gaussian")
+        values["model"] = {**values["model"], "quantizer": quantizer}
     data = values.get("data")
     old = isinstance(data, dict) and any(key in data for key in MOVED_TO_GRIDS)
     images = values.get("images")

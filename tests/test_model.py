@@ -21,6 +21,7 @@ SMALL_MODEL = [
     "model.quantizer.levels=[5,5,5]",
     "model.quantizer.num_stages=2",
     "model.quantizer.groups=2",
+    "model.quantizer.base=2",  # radial: 32 codes = 2^5
 ]
 
 

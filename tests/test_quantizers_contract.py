@@ -15,15 +15,18 @@ SMALL_KWARGS = {
     "gvq": {"dim": DIM, "codebook_size": 16, "groups": 2},
     "fsq": {"levels": [8, 5, 3], "dim": DIM},
     "lfq": {"dim": DIM},
+    "simvq": {"dim": DIM, "codebook_size": 16},
+    "product_vq": {"dim": DIM, "levels": [4, 8]},
+    "residual_fsq": {"levels": [5, 3], "num_stages": 3, "dim": DIM},
+    "radial": {"dim": DIM, "base": 4, "codebook_size": 64},
     "none": {"dim": DIM},
 }
 SCHEDULE_VALUES = {"temperature": 0.7, "hardness": 0.5, "noise_scale": 1.0}
 
 
 def test_registry_names_every_kind():
-    assert (
-        set(QUANTIZERS) == {"gumbel", "vq", "rvq", "gvq", "fsq", "lfq", "none"} == set(SMALL_KWARGS)
-    )
+    kinds = {"gumbel", "vq", "rvq", "gvq", "fsq", "lfq", "simvq", "product_vq", "residual_fsq"}
+    assert set(QUANTIZERS) == kinds | {"radial", "none"} == set(SMALL_KWARGS)
 
 
 @pytest.mark.parametrize("kind", sorted(SMALL_KWARGS))
@@ -43,7 +46,7 @@ def test_forward_contract_and_decoding(kind):
         return
     assert {"perplexity", "used_codes"} <= set(out.stats)
     assert all(value.dim() == 0 and not value.requires_grad for value in out.stats.values())
-    levels = {"rvq": (3,), "gvq": (2,)}.get(kind, ())
+    levels = {"rvq": (3,), "gvq": (2,), "residual_fsq": (3,)}.get(kind, ())
     assert out.indices.shape == (3, 5, *levels) and out.indices.dtype == torch.long
     assert quantizer.codebook_size > 1
     quantizer.eval()
@@ -93,3 +96,13 @@ def test_a_misspelled_schedule_value_is_refused_not_ignored(kind):
     quantizer = QUANTIZERS[kind](**SMALL_KWARGS[kind])
     with pytest.raises(TypeError, match="unknown schedule value.*temprature"):
         quantizer(torch.randn(4, DIM), temprature=0.5)
+
+
+@pytest.mark.parametrize("kind", sorted(set(SMALL_KWARGS) - {"none"}))
+def test_bits_per_code_counts_every_index_of_a_vector(kind):
+    import math
+
+    quantizer = QUANTIZERS[kind](**SMALL_KWARGS[kind]).eval()
+    indices = quantizer(torch.randn(2, DIM)).indices
+    levels = indices.shape[-1] if indices.dim() == 2 else 1
+    assert quantizer.bits_per_code == pytest.approx(levels * math.log2(quantizer.codebook_size))

@@ -17,8 +17,15 @@ STEPS = 3
 
 def make_quantizers() -> dict[str, torch.nn.Module]:
     return {
-        "ema": VectorQuantizer(8, 16, ema_decay=0.9),
-        "ema_kmeans_usage_reset": VectorQuantizer(8, 16, kmeans_init=True, dead_code_threshold=2.0),
+        "ema": VectorQuantizer(
+            8, 16, ema_decay=0.9, codebook_init="gaussian", dead_code_threshold=None
+        ),
+        "defaults": VectorQuantizer(8, 16),  # sample init and resets from uneven batches
+        "rvq_defaults": ResidualVQ(8, 16, num_stages=2),
+        "gvq_defaults": GroupVQ(8, 16, groups=2),
+        "ema_kmeans_usage_reset": VectorQuantizer(
+            8, 16, codebook_init="kmeans", dead_code_threshold=0.5
+        ),
         "loss_distance_reset": VectorQuantizer(
             8, 16, ema_decay=None, dead_code_threshold=0.5, reset_strategy="distance"
         ),
@@ -32,8 +39,10 @@ def make_quantizers() -> dict[str, torch.nn.Module]:
 
 
 def batch(rank: int, step: int) -> torch.Tensor:
-    """Different data on every rank and step, reproducible in the parent process."""
-    return torch.randn(48, 8, generator=torch.Generator().manual_seed(10 * rank + step)) + rank
+    """Different data on every rank and step (and a different size on each rank, as the last batch
+    of an epoch can be), reproducible in the parent process."""
+    generator = torch.Generator().manual_seed(10 * rank + step)
+    return 0.1 * torch.randn(48 - 8 * rank, 8, generator=generator) + rank
 
 
 def _forbid_collectives(*args, **kwargs):
@@ -74,7 +83,9 @@ def test_codebooks_identical_on_both_ranks_and_ema_equals_global_batch(tmp_path)
                 )
 
     # The reduced EMA update equals one process seeing both ranks' data.
-    single = VectorQuantizer(8, 16, ema_decay=0.9)
+    single = VectorQuantizer(
+        8, 16, ema_decay=0.9, codebook_init="gaussian", dead_code_threshold=None
+    )
     for step in range(STEPS):
         single(torch.cat([batch(rank, step) for rank in range(WORLD_SIZE)]))
     torch.testing.assert_close(rank0["ema"]["codebooks"], single.codebooks)

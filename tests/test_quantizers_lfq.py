@@ -74,3 +74,27 @@ def test_lfq_stays_practical_for_sixteen_bits():
     out.loss.backward()
     assert torch.isfinite(z.grad).all() and lfq.codebook_size == 2**16
     assert out.stats["used_codes"] <= 512
+
+
+def test_lfq_projects_features_to_its_bits_and_back():
+    torch.manual_seed(0)
+    lfq = LFQ(dim=32, codebook_bits=8)
+    assert lfq.codebook_size == 256 and lfq.bits == 8
+    z = torch.randn(4, 5, 32)
+    out = lfq(z)
+    assert out.quantized.shape == (4, 5, 32) and out.indices.shape == (4, 5)
+    # The same as the 8-bit quantizer between the two linear maps.
+    bits_only = LFQ(8)
+    inner = bits_only(lfq.project_in(z))
+    torch.testing.assert_close(out.quantized, lfq.project_out(inner.quantized))
+    assert torch.equal(out.indices, inner.indices)
+    torch.testing.assert_close(out.loss, inner.loss)
+    torch.testing.assert_close(lfq.codes_to_quantized(out.indices), out.quantized)
+    assert LFQ(dim=32, codebook_size=1024).bits == 10
+
+
+def test_lfq_rejects_a_codebook_size_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="codebook_size must be a power of 2"):
+        LFQ(dim=16, codebook_size=1000)
+    with pytest.raises(ValueError, match="disagree"):
+        LFQ(dim=16, codebook_bits=4, codebook_size=32)

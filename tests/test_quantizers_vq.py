@@ -9,6 +9,9 @@ from pips.quantizers import GroupVQ, ResidualVQ, VectorQuantizer
 
 
 def set_codebook(vq: VectorQuantizer, codes: list[list[float]], counts: list[float] | None = None):
+    """Hand-set the codes and counts (of a quantizer built with ``codebook_init="gaussian"``, so the
+    first training batch does not replace them)."""
+    assert vq.codebook_init == "gaussian"
     codebook = torch.tensor(codes).unsqueeze(0)  # [1, K, dim]
     ema_count = torch.tensor(counts).unsqueeze(0) if counts else torch.ones(1, len(codes))
     vq.codebooks.data.copy_(codebook)
@@ -23,7 +26,9 @@ def brute_force_nearest(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
 
 
 def test_ema_update_equals_formula_on_hand_made_batch():
-    vq = VectorQuantizer(2, 3, ema_decay=0.9, epsilon=1e-5)
+    vq = VectorQuantizer(
+        2, 3, ema_decay=0.9, epsilon=1e-5, codebook_init="gaussian", dead_code_threshold=None
+    )
     set_codebook(vq, [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 1.0], [11.0, -1.0], [-1.0, 9.0]])
     out = vq(z)
@@ -56,29 +61,62 @@ def test_nearest_codes_match_brute_force_for_one_and_several_codebooks():
         assert torch.equal(indices[:, head], brute_force_nearest(z[:, head], multi.codebooks[head]))
 
 
-def test_dead_code_is_replaced_by_a_current_input_after_the_threshold():
-    vq = VectorQuantizer(2, 3, ema_decay=0.5, dead_code_threshold=0.3)
-    set_codebook(vq, [[0.0, 0.0], [1.0, 0.0], [100.0, 100.0]])
-    z = torch.randn(20, 2, generator=torch.Generator().manual_seed(0)) * 0.3
-    vq(z)  # unused code count: 1 -> 0.5, still above the threshold
-    torch.testing.assert_close(vq.codebook[2], torch.tensor([100.0, 100.0]), atol=0.01, rtol=0)
-    vq(z)  # 0.5 -> 0.25 < 0.3: replaced by one of the current inputs
+def test_dead_code_is_replaced_by_a_current_input_below_a_share_of_the_uniform_usage():
+    vq = VectorQuantizer(2, 3, ema_decay=0.5, dead_code_threshold=0.3, codebook_init="gaussian")
+    set_codebook(vq, [[0.0, 0.0], [1.0, 0.0], [100.0, 100.0]], counts=[1, 1, 10])
+    noise = 0.1 * torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    z = noise + torch.tensor([[0.0, 0.0]] * 10 + [[1.0, 0.0]] * 10)  # 10 inputs on codes 0 and 1
+    # Counts of the unused code 2 / 0.3 x the uniform share: 5 / 1.6, 2.5 / 1.8, then 1.25 / 1.9.
+    for _ in range(2):
+        vq(z)
+        torch.testing.assert_close(vq.codebook[2], torch.tensor([100.0, 100.0]), atol=0.01, rtol=0)
+    vq(z)  # replaced by one of the current inputs, and given the uniform share 19 / 3
     replacement = vq.codebook[2]
     assert (z - replacement).abs().sum(-1).min() < 1e-6
-    assert vq.ema_count[0, 2] == 0.3
+    torch.testing.assert_close(vq.ema_count[0, 2], torch.tensor(19 / 3))
+
+
+def test_dead_codes_are_the_same_at_any_batch_size():
+    def dead_after(repeats: int) -> torch.Tensor:
+        vq = VectorQuantizer(
+            2, 4, ema_decay=0.9, dead_code_threshold=None, codebook_init="gaussian"
+        )
+        set_codebook(vq, [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [9.0, 9.0]])
+        z = torch.tensor([[0.0, 0.1]] * 6 + [[1.0, 0.1]] * 3 + [[0.1, 1.0]]).repeat(repeats, 1)
+        for _ in range(30):
+            vq(z)
+        return vq._dead(0.5)  # below half the uniform share
+
+    assert torch.equal(dead_after(1), dead_after(50))
+    assert dead_after(1).tolist() == [[False, False, True, True]]  # used 1/10 of the time, unused
 
 
 def test_distance_reset_picks_the_worst_quantised_inputs_in_order():
-    vq = VectorQuantizer(2, 4, ema_decay=0.5, dead_code_threshold=0.5, reset_strategy="distance")
+    vq = VectorQuantizer(
+        2,
+        4,
+        ema_decay=0.5,
+        dead_code_threshold=0.5,
+        reset_strategy="distance",
+        codebook_init="gaussian",
+    )
     set_codebook(vq, [[0.0, 0.0], [1.0, 0.0], [50.0, 50.0], [60.0, 60.0]], counts=[8, 8, 0.6, 0.6])
     z = torch.tensor([[0.1, 0.0], [0.9, 0.1], [5.0, 5.0], [0.0, -3.0], [1.2, 0.0]])
-    vq(z)  # codes 2 and 3 fall to 0.3 < 0.5; worst errors: [5, 5] then [0, -3]
+    vq(z)  # codes 2 and 3 fall to 0.3 < 0.5 x 11.1 / 4; worst errors: [5, 5] then [0, -3]
     torch.testing.assert_close(vq.codebook[2], torch.tensor([5.0, 5.0]))
     torch.testing.assert_close(vq.codebook[3], torch.tensor([0.0, -3.0]))
 
 
 def test_overused_code_is_reset():
-    vq = VectorQuantizer(2, 4, ema_decay=0.9, overused_threshold=2.0, reset_strategy="distance")
+    vq = VectorQuantizer(
+        2,
+        4,
+        ema_decay=0.9,
+        overused_threshold=2.0,
+        reset_strategy="distance",
+        codebook_init="gaussian",
+        dead_code_threshold=None,
+    )
     set_codebook(vq, [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], counts=[1, 1, 1, 1])
     z = torch.tensor([[0.0, 0.1]] * 30 + [[3.0, 3.0]])  # every input on code 0 -> share > 2/K
     vq(z)
@@ -135,11 +173,41 @@ def test_kmeans_init_finds_separated_clusters():
     generator = torch.Generator().manual_seed(0)
     centers = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
     z = centers.repeat(50, 1) + 0.1 * torch.randn(200, 2, generator=generator)
-    vq = VectorQuantizer(2, 4, kmeans_init=True, seed=1)
+    vq = VectorQuantizer(2, 4, codebook_init="kmeans", seed=1)
     vq(z)
     assert bool(vq.initialized)
     distance_to_nearest_code = torch.cdist(centers, vq.codebook).min(-1).values
     assert distance_to_nearest_code.max() < 0.5
+
+
+def test_sample_init_takes_distinct_vectors_of_the_first_batch_at_their_scale():
+    z = 1e-3 * torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
+    vq = VectorQuantizer(4, 16, ema_decay=None, seed=2)  # a codebook the forward does not move
+    out = vq(z)
+    distances = (vq.codebook.detach().unsqueeze(1) - z).abs().sum(-1)  # [K, N]
+    assert distances.min(-1).values.max() == 0  # each code is one of the inputs
+    assert len(set(distances.argmin(-1).tolist())) == 16  # without repeats
+    assert out.stats["used_codes"] > 8  # a Gaussian codebook would give every input one code
+    torch.testing.assert_close(vq.ema_count.sum(), torch.tensor(100.0), rtol=0.02, atol=0)
+    gaussian = VectorQuantizer(4, 16, codebook_init="gaussian", dead_code_threshold=None)
+    assert gaussian(z).stats["used_codes"] <= 2
+
+
+def test_default_vq_does_not_collapse_on_small_features():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 64)
+    centers = 0.05 * torch.randn(64, 8)  # 64 clusters at a scale far below a unit Gaussian
+    for _ in range(60):
+        z = centers[torch.randint(64, (256,))] + 0.002 * torch.randn(256, 8)
+        out = vq(z)
+    assert out.stats["used_codes"] >= 48 and out.stats["dead_codes"] <= 8
+    vq.eval()
+    assert vq(centers).stats["used_codes"] >= 40  # most clusters have a code of their own
+
+
+def test_bad_codebook_init_is_named():
+    with pytest.raises(ValueError, match="codebook_init must be one of sample, kmeans, gaussian"):
+        VectorQuantizer(4, 8, codebook_init="zeros")
 
 
 def test_cosine_codes_are_unit_vectors_matched_by_angle():
@@ -170,7 +238,7 @@ def test_vq_stats_keys_and_bad_arguments():
 
 def test_rvq_quantisation_error_does_not_grow_with_stages():
     torch.manual_seed(0)
-    rvq = ResidualVQ(8, 32, num_stages=4, kmeans_init=True)
+    rvq = ResidualVQ(8, 32, num_stages=4, codebook_init="kmeans")
     z = torch.randn(512, 8)
     for _ in range(3):
         rvq(z)

@@ -1,9 +1,11 @@
 """`pips shootout`: the same grid model trained with each quantizer at matched bits per code, on
 the same data and budget, in one table.
 
-Bits per code ``b`` are matched this way: gumbel and vq with ``2**b`` codes; fsq with the levels
-Mentzer et al. (2023, Table 1) recommend for ``2**b`` codes; lfq with ``b`` bits; rvq and gvq with
-two stages / groups of ``2**(b/2)`` codes each; none (continuous) as the unquantized reference.
+Bits per code ``b`` are matched this way: gumbel, vq and simvq with ``2**b`` codes; fsq with the
+levels Mentzer et al. (2023, Table 1) recommend for ``2**b`` codes; lfq with ``b`` bits; radial with
+``b / 2`` channels of 4 levels; rvq and gvq with two stages / groups of ``2**(b/2)`` codes each;
+product_vq with two chunks of ``2**(b/2)`` codes; residual_fsq with two stages of about ``2**(b/2)``
+codes; none (continuous) as the unquantized reference.
 Every run gets the same seed, data, model, optimizer and step budget.
 """
 
@@ -17,7 +19,19 @@ from pips.config import ConfigError, load_config
 from pips.evaluation.runs import run_row
 from pips.training.run import train
 
-KINDS = ("gumbel", "vq", "fsq", "lfq", "rvq", "gvq", "none")
+KINDS = (
+    "gumbel",
+    "vq",
+    "fsq",
+    "lfq",
+    "rvq",
+    "gvq",
+    "simvq",
+    "product_vq",
+    "residual_fsq",
+    "radial",
+    "none",
+)
 RUN_NAMES = {"none": "continuous"}  # a run named "none" would read as no name
 FSQ_LEVELS = {
     8: [8, 6, 5],
@@ -26,6 +40,7 @@ FSQ_LEVELS = {
     14: [8, 8, 8, 6, 5],
     16: [8, 8, 8, 5, 5, 5],
 }
+HALF_LEVELS = {4: [5, 3], 5: [8, 4], 6: [8, 8], 7: [8, 4, 4], 8: [8, 6, 5]}  # residual_fsq stages
 
 
 def quantizer_overrides(kind: str, bits: int) -> list[str]:
@@ -37,16 +52,21 @@ def quantizer_overrides(kind: str, bits: int) -> list[str]:
         )
     prefix = "model.quantizer"
     overrides = [f"{prefix}.kind={kind}"]
-    if kind in ("gumbel", "vq"):
+    half = 2 ** (bits // 2)
+    if kind in ("gumbel", "vq", "lfq", "simvq"):
         overrides.append(f"{prefix}.codebook_size={2**bits}")
     elif kind == "fsq":
         overrides.append(f"{prefix}.levels={FSQ_LEVELS[bits]}")
-    elif kind == "lfq":
-        overrides.append(f"{prefix}.dim={bits}")
+    elif kind == "radial":
+        overrides += [f"{prefix}.base=4", f"{prefix}.codebook_size={2**bits}"]
+    elif kind == "product_vq":
+        overrides += [f"{prefix}.shared_codebook=false", f"{prefix}.levels=[{half},{half}]"]
+    elif kind == "residual_fsq":
+        overrides += [f"{prefix}.num_stages=2", f"{prefix}.levels={HALF_LEVELS[bits // 2]}"]
     elif kind == "rvq":
-        overrides += [f"{prefix}.num_stages=2", f"{prefix}.codebook_size={2 ** (bits // 2)}"]
+        overrides += [f"{prefix}.num_stages=2", f"{prefix}.codebook_size={half}"]
     elif kind == "gvq":
-        overrides += [f"{prefix}.groups=2", f"{prefix}.codebook_size={2 ** (bits // 2)}"]
+        overrides += [f"{prefix}.groups=2", f"{prefix}.codebook_size={half}"]
     return overrides
 
 

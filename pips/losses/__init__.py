@@ -34,6 +34,7 @@ from pips.losses.pixels import (
     unmap_pixels,
 )
 from pips.losses.reconstruction import cell_weights, shape_cross_entropy, weighted_cross_entropy
+from pips.losses.stablemax import log_stablemax, stablemax_cross_entropy, stablemax_s
 
 __all__ = [
     "CodeUsageKL",
@@ -47,6 +48,7 @@ __all__ = [
     "entropy_diversity_loss",
     "exp_concrete_log_prob",
     "kl_to_uniform",
+    "log_stablemax",
     "logit_laplace_mean",
     "logit_laplace_nll",
     "map_pixels",
@@ -58,6 +60,8 @@ __all__ = [
     "sample_exp_concrete",
     "shape_cross_entropy",
     "slot_average_entropy",
+    "stablemax_cross_entropy",
+    "stablemax_s",
     "unmap_pixels",
     "weighted_cross_entropy",
 ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pips.losses.stablemax import log_stablemax
+
 
 def cell_weights(grid_mask: torch.Tensor, pad_weight: float) -> torch.Tensor:
     """[B, L] weights: 1 on colour cells, ``pad_weight`` on PAD/EOS slots."""
@@ -24,10 +26,14 @@ def weighted_cross_entropy(
     weights: torch.Tensor,  # [B, L]
     focal_gamma: float = 0.0,
     label_smoothing: float = 0.0,
+    stablemax: bool = False,
 ) -> torch.Tensor:
-    """Weighted mean of the (focal, label-smoothed) cross-entropy per cell; a scalar."""
-    logits = logits.float()
-    log_probs = logits.log_softmax(dim=-1)  # [B, L, V]
+    """Weighted mean of the (focal, label-smoothed) cross-entropy per cell; a scalar. With
+    ``stablemax`` the probabilities are StableMax's (:mod:`pips.losses.stablemax`), in float64."""
+    if stablemax:
+        log_probs = log_stablemax(logits)  # [B, L, V]
+    else:
+        log_probs = logits.float().log_softmax(dim=-1)  # [B, L, V]
     nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, L]
     if label_smoothing > 0:
         nll = (1 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=-1)
@@ -38,7 +44,7 @@ def weighted_cross_entropy(
             else log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp()
         )
         nll = (1 - target_prob).pow(focal_gamma) * nll
-    return (nll * weights).sum() / weights.sum().clamp_min(1e-8)
+    return ((nll * weights).sum() / weights.sum().clamp_min(1e-8)).float()
 
 
 def shape_cross_entropy(

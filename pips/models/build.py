@@ -24,41 +24,68 @@ QUANTIZER_ARGUMENTS: dict[str, Callable[[QuantizerConfig, int, int | None], dict
     "vq": lambda q, dim, num_slots: dict(
         dim=dim,
         codebook_size=q.codebook_size,
+        rotation_trick=q.rotation_trick,
         ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
-        kmeans_init=q.kmeans_init,
+        codebook_init=q.codebook_init,
         dead_code_threshold=q.dead_code_threshold,
     ),
     "rvq": lambda q, dim, num_slots: dict(
         dim=dim,
         codebook_size=q.codebook_size,
         num_stages=q.num_stages,
+        shared_codebook=q.shared_codebook,
+        rotation_trick=q.rotation_trick,
         ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
-        kmeans_init=q.kmeans_init,
+        codebook_init=q.codebook_init,
         dead_code_threshold=q.dead_code_threshold,
     ),
     "gvq": lambda q, dim, num_slots: dict(
         dim=dim,
         codebook_size=q.codebook_size,
         groups=q.groups,
+        shared_codebook=q.shared_codebook,
         ema_decay=q.ema_decay,
         commitment_weight=q.commitment_weight,
-        kmeans_init=q.kmeans_init,
+        codebook_init=q.codebook_init,
         dead_code_threshold=q.dead_code_threshold,
     ),
     "lfq": lambda q, dim, num_slots: dict(
         dim=dim,
+        codebook_size=q.codebook_size,
         entropy_weight=q.entropy_weight,
         commitment_weight=q.commitment_weight,
     ),
+    "simvq": lambda q, dim, num_slots: dict(
+        dim=dim,
+        codebook_size=q.codebook_size,
+        commitment_weight=q.commitment_weight,
+        rotation_trick=q.rotation_trick,
+        basis_init="gaussian" if q.codebook_init == "gaussian" else "sample",  # no k-means basis
+    ),
+    "product_vq": lambda q, dim, num_slots: dict(
+        dim=dim,
+        levels=q.levels,
+        shared_codebook=q.shared_codebook,
+        base=q.base,
+        num_chunks=q.groups,
+        ema_decay=q.ema_decay,
+        commitment_weight=q.commitment_weight,
+        codebook_init=q.codebook_init,
+        dead_code_threshold=q.dead_code_threshold,
+    ),
+    "residual_fsq": lambda q, dim, num_slots: dict(
+        levels=q.levels, num_stages=q.num_stages, dim=dim
+    ),
+    "radial": lambda q, dim, num_slots: dict(dim=dim, base=q.base, codebook_size=q.codebook_size),
     "none": lambda q, dim, num_slots: dict(dim=dim),
 }
 
 
-# The size of the vectors a quantizer takes when `model.quantizer.dim` is not set (default: the
-# model width). LFQ's vectors are its bits, so it defaults to 10 bits (1024 codes).
-DEFAULT_CODE_DIM = {"lfq": 10}
+# The size of the vectors a quantizer takes when `model.quantizer.dim` is not set, where it is not
+# the model width. (Every quantizer projects its own vectors now: LFQ width -> its bits and back.)
+DEFAULT_CODE_DIM: dict[str, int] = {}
 
 
 def quantizer_dim(config: QuantizerConfig, width: int) -> int:

@@ -11,7 +11,11 @@ from pips.quantizers.group import GroupVQ
 from pips.quantizers.gumbel import GumbelQuantizer
 from pips.quantizers.identity import IdentityQuantizer
 from pips.quantizers.lfq import LFQ
+from pips.quantizers.product import ProductVQ
+from pips.quantizers.radial import RadialQuantizer
 from pips.quantizers.residual import ResidualVQ
+from pips.quantizers.residual_fsq import ResidualFSQ
+from pips.quantizers.simvq import SimVQ
 from pips.quantizers.vq import VectorQuantizer
 
 QUANTIZERS: dict[str, type[Quantizer]] = {
@@ -19,8 +23,12 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
     "vq": VectorQuantizer,
     "rvq": ResidualVQ,
     "gvq": GroupVQ,
+    "simvq": SimVQ,
     "fsq": FSQ,
     "lfq": LFQ,
+    "product_vq": ProductVQ,
+    "residual_fsq": ResidualFSQ,
+    "radial": RadialQuantizer,
     "none": IdentityQuantizer,
 }
 
@@ -32,8 +40,12 @@ __all__ = [
     "GumbelQuantizer",
     "IdentityQuantizer",
     "Quantizer",
+    "ProductVQ",
     "QuantizerOutput",
+    "RadialQuantizer",
+    "ResidualFSQ",
     "ResidualVQ",
+    "SimVQ",
     "VectorQuantizer",
     "usage_stats",
 ]

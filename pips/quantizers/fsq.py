@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from pips.quantizers.base import Quantizer, QuantizerOutput, usage_stats
+from pips.quantizers.base import Quantizer, QuantizerOutput, linear_projections, usage_stats
 
 
 def round_straight_through(x: torch.Tensor) -> torch.Tensor:
@@ -56,13 +56,7 @@ class FSQ(Quantizer):
         self.register_buffer("_offset", offset, persistent=False)
         self.register_buffer("_shift", torch.tan(offset / half_level), persistent=False)
 
-        needs_projection = self.dim != self.num_channels
-        self.project_in = (
-            nn.Linear(self.dim, self.num_channels) if needs_projection else nn.Identity()
-        )
-        self.project_out = (
-            nn.Linear(self.num_channels, self.dim) if needs_projection else nn.Identity()
-        )
+        self.project_in, self.project_out = linear_projections(self.dim, self.num_channels)
 
     @property
     def index_factors(self) -> list[tuple[int, int]]:

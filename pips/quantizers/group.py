@@ -7,6 +7,8 @@ computation (``num_codebooks=G``), not a loop over groups.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pips.quantizers.base import Quantizer, QuantizerOutput
@@ -53,6 +55,11 @@ class GroupVQ(Quantizer):
         grouped = z.reshape(*z.shape[:-1], self.groups, self.group_dim)  # [..., G, dim/G]
         out = self.vq(grouped, **schedule_values)  # indices [..., G] either way
         return out._replace(quantized=out.quantized.reshape(z.shape))
+
+    @property
+    def bits_per_code(self) -> float:
+        """Bits of one vector's indices: ``groups`` indices of ``log2(codebook_size)`` bits each."""
+        return self.groups * math.log2(self.codebook_size)
 
     def codes_to_quantized(self, indices: torch.Tensor) -> torch.Tensor:
         grouped = self.vq.codes_to_quantized(indices)  # [..., G, dim/G]

@@ -1,7 +1,10 @@
 """Lookup-free quantization (Yu et al. 2023, "Language Model Beats Diffusion", MAGVIT-v2, Sec. 3.1).
 
-Each channel is quantized to its sign, ``q = sign(z) in {-1, +1}^dim``; the implicit codebook has
-``2^dim`` codes and the index is ``sum_i 2^i [z_i > 0]``. The entropy penalty (Eq. 5) is
+Each of ``b`` channels is quantized to its sign, ``q = sign(z) in {-1, +1}^b``; the implicit
+codebook has ``2^b`` codes and the index is ``sum_i 2^i [z_i > 0]``. Features of another size
+``dim`` are projected to the ``b`` bits and back by linear maps (as :class:`~pips.quantizers.fsq.FSQ`
+does), so ``LFQ(dim=32, codebook_bits=10)`` drops into a model of 32-dim features. The formulas
+below are in the bit space (``dim`` there means ``b``). The entropy penalty (Eq. 5) is
 ``E_x[H(q(c|x))] - gamma * H(E_x[q(c|x)])`` with ``q(c|x) = softmax_c(-inv_temperature ||z - c||^2)``
 over all ``2^dim`` codes.
 
@@ -16,12 +19,16 @@ Bernoullis with ``P(c_i = +1) = sigmoid(4 inv_temperature z_i)``:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pips.quantizers.base import (
     Quantizer,
     QuantizerOutput,
+    linear_projections,
     straight_through_with_commitment,
     usage_stats,
 )
@@ -68,11 +75,34 @@ def lfq_entropy_terms(z: torch.Tensor, inv_temperature: float) -> tuple[torch.Te
     return per_sample_entropy, codebook_entropy
 
 
+def codebook_bits_of(dim: int, codebook_bits: int | None, codebook_size: int | None) -> int:
+    """Bits per code from ``codebook_bits`` or ``codebook_size`` (a power of 2), else ``dim``."""
+    if codebook_bits is not None and codebook_size is not None:
+        if 2**codebook_bits != codebook_size:
+            raise ValueError(
+                f"LFQ got codebook_bits={codebook_bits} and codebook_size={codebook_size}, which "
+                f"disagree; give one of them"
+            )
+    if codebook_size is not None:
+        bits = round(math.log2(codebook_size)) if codebook_size >= 1 else 0
+        if codebook_size < 2 or 2**bits != codebook_size:
+            raise ValueError(f"LFQ codebook_size must be a power of 2, >= 2; got {codebook_size}")
+        return bits
+    bits = codebook_bits if codebook_bits is not None else dim
+    if bits < 1 or dim < 1:
+        raise ValueError(f"LFQ dim and codebook_bits must be >= 1; got dim={dim}, bits={bits}")
+    return bits
+
+
 class LFQ(Quantizer):
     """Lookup-free quantizer with the MAGVIT-v2 entropy penalty.
 
     Args:
-        dim: feature size of ``z`` = number of bits; ``codebook_size = 2^dim``.
+        dim: feature size of ``z``.
+        codebook_bits: bits per code ``b`` (``codebook_size = 2^b``); when it differs from ``dim``
+            linear maps project ``dim -> b`` before quantizing and back after, so ``quantized`` is
+            ``[..., dim]``. ``None``: ``b = dim`` (no projection) unless ``codebook_size`` is given.
+        codebook_size: the same as ``codebook_bits = log2(codebook_size)`` (a power of 2).
         entropy_weight: weight of ``E[H(q(c|x))] - diversity_gamma * H(E[q(c|x)])``.
         commitment_weight: weight of ``||z - sg[q]||^2``.
         diversity_gamma: weight of the codebook-entropy term inside the penalty.
@@ -84,26 +114,30 @@ class LFQ(Quantizer):
     def __init__(
         self,
         dim: int,
+        codebook_bits: int | None = None,
+        codebook_size: int | None = None,
         entropy_weight: float = 0.1,
         commitment_weight: float = 0.25,
         diversity_gamma: float = 1.0,
         inv_temperature: float = 100.0,
     ) -> None:
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"LFQ dim must be >= 1; got {dim}")
-        if entropy_weight > 0 and dim > MAX_ENTROPY_DIM:
+        bits = codebook_bits_of(dim, codebook_bits, codebook_size)
+        if entropy_weight > 0 and bits > MAX_ENTROPY_DIM:
             raise ValueError(
-                f"LFQ entropy loss holds 2^dim probabilities, so dim must be <= {MAX_ENTROPY_DIM} "
-                f"when entropy_weight > 0; got dim={dim} (set entropy_weight=0 or lower dim)"
+                f"LFQ entropy loss holds 2^bits probabilities, so codebook_bits must be <= "
+                f"{MAX_ENTROPY_DIM} when entropy_weight > 0; got {bits} (set entropy_weight=0 or "
+                f"use fewer bits)"
             )
         self.dim = dim
-        self.codebook_size = 2**dim
+        self.bits = bits
+        self.codebook_size = 2**bits
         self.entropy_weight = entropy_weight
         self.commitment_weight = commitment_weight
         self.diversity_gamma = diversity_gamma
         self.inv_temperature = inv_temperature
-        self.register_buffer("_powers", 2 ** torch.arange(dim), persistent=False)  # [dim]
+        self.register_buffer("_powers", 2 ** torch.arange(bits), persistent=False)  # [b]
+        self.project_in, self.project_out = linear_projections(dim, bits)
 
     @property
     def index_factors(self) -> list[tuple[int, int]]:
@@ -113,8 +147,9 @@ class LFQ(Quantizer):
     def forward(self, z: torch.Tensor, **schedule_values: float) -> QuantizerOutput:
         if z.shape[-1] != self.dim:
             raise ValueError(f"LFQ expects z of shape [..., {self.dim}]; got {tuple(z.shape)}")
+        z_bits = self.project_in(z)  # [..., b]
         with torch.autocast(device_type=z.device.type, enabled=False):
-            inputs = z.float()
+            inputs = z_bits.float()
             positive = inputs > 0  # [..., dim]
             codes = torch.where(positive, 1.0, -1.0)
             indices = (positive.long() * self._powers).sum(-1)  # [...]
@@ -124,20 +159,23 @@ class LFQ(Quantizer):
             stats: dict[str, torch.Tensor] = {}
             if self.entropy_weight > 0:
                 per_sample, codebook = lfq_entropy_terms(
-                    inputs.reshape(-1, self.dim), self.inv_temperature
+                    inputs.reshape(-1, self.bits), self.inv_temperature
                 )
                 loss = loss + self.entropy_weight * (per_sample - self.diversity_gamma * codebook)
                 stats["per_sample_entropy"] = per_sample.detach()
                 stats["codebook_entropy"] = codebook.detach()
         stats.update(self._usage_stats(indices))
-        return QuantizerOutput(quantized.to(z.dtype), indices, loss, None, stats)
+        quantized = self.project_out(quantized)  # [..., dim]
+        if isinstance(self.project_out, nn.Identity):
+            quantized = quantized.to(z.dtype)
+        return QuantizerOutput(quantized, indices, loss, None, stats)
 
     def codes_to_quantized(self, indices: torch.Tensor) -> torch.Tensor:
-        bits = (indices.unsqueeze(-1) >> torch.arange(self.dim, device=indices.device)) & 1
-        return bits.float() * 2 - 1  # [..., dim]
+        bits = (indices.unsqueeze(-1) >> torch.arange(self.bits, device=indices.device)) & 1
+        return self.project_out(bits.float() * 2 - 1)  # [..., b] -> [..., dim]
 
     def _usage_stats(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.dim <= MAX_USAGE_STATS_DIM:
+        if self.bits <= MAX_USAGE_STATS_DIM:
             return usage_stats(indices, self.codebook_size)
         _, counts = torch.unique(indices.reshape(-1), return_counts=True)  # too many codes to bin
         probs = counts.float() / counts.sum()

@@ -3,14 +3,19 @@
 Stage ``s`` quantizes the residual ``r_s = z - sum_{j<s} q_j`` left by the previous stages; the
 output is ``sum_s q_s`` with one straight-through gradient to ``z``. Each stage's commitment loss
 compares the stage's code with *its own* residual input ``r_s`` (not with ``z``, a known bug elsewhere).
+``rotation_trick=True`` rotates ``z`` onto ``sum_s q_s`` (Fifty et al. 2024) instead of the
+straight-through copy.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from pips.quantizers.base import Quantizer, QuantizerOutput, straight_through_with_commitment
+from pips.quantizers.rotation import rotation_trick_with_commitment
 from pips.quantizers.vq import VectorQuantizer
 
 
@@ -21,8 +26,9 @@ class ResidualVQ(Quantizer):
         dim, codebook_size: as for :class:`VectorQuantizer` (``codebook_size`` per stage).
         num_stages: number of residual stages ``S``.
         shared_codebook: one codebook used by every stage (updated once per stage call).
+        rotation_trick: the gradient from ``sum_s q_s`` to ``z`` by the rotation trick.
         **vq_kwargs: passed to each stage's :class:`VectorQuantizer` (``ema_decay``,
-            ``commitment_weight``, ``kmeans_init``, ``dead_code_threshold``, ...); stage ``s`` is
+            ``commitment_weight``, ``codebook_init``, ``dead_code_threshold``, ...); stage ``s`` is
             seeded with ``seed + s``.
     """
 
@@ -32,6 +38,7 @@ class ResidualVQ(Quantizer):
         codebook_size: int,
         num_stages: int,
         shared_codebook: bool = False,
+        rotation_trick: bool = False,
         **vq_kwargs,
     ) -> None:
         super().__init__()
@@ -45,6 +52,7 @@ class ResidualVQ(Quantizer):
         self.codebook_size = codebook_size
         self.num_stages = num_stages
         self.shared_codebook = shared_codebook
+        self.rotation_trick = rotation_trick
         seed = vq_kwargs.pop("seed", 0)
         num_modules = 1 if shared_codebook else num_stages
         self.stages = nn.ModuleList(
@@ -73,13 +81,23 @@ class ResidualVQ(Quantizer):
             all_indices.append(out.indices)
             stage_stats.append(out.stats)
         indices = torch.stack(all_indices, dim=-1)  # [..., S]
-        quantized, _ = straight_through_with_commitment(z.float(), codes_sum)  # one ST to z
+        estimator = (
+            rotation_trick_with_commitment
+            if self.rotation_trick
+            else straight_through_with_commitment
+        )
+        quantized, _ = estimator(z.float(), codes_sum)  # one gradient path to z
         stats = {
             key: torch.stack([stats[key] for stats in stage_stats]).mean() for key in stage_stats[0]
         }  # mean over stages
         for index, stats_of_stage in enumerate(stage_stats):
             stats[f"perplexity_stage{index}"] = stats_of_stage["perplexity"]
         return QuantizerOutput(quantized.to(z.dtype), indices, loss, None, stats)
+
+    @property
+    def bits_per_code(self) -> float:
+        """Bits of one vector's indices: ``num_stages`` indices of ``log2(codebook_size)`` bits each."""
+        return self.num_stages * math.log2(self.codebook_size)
 
     def codes_to_quantized(self, indices: torch.Tensor) -> torch.Tensor:
         """Sum of the stage codes; ``indices [..., s]`` with ``s <= S`` decodes the first ``s`` stages."""

@@ -246,6 +246,7 @@ class GridDVAEModule(CodeModule):
             weights,
             loss_config.focal_gamma,
             loss_config.label_smoothing,
+            loss_config.stablemax,
         )
         shape = output.cell_logits.new_zeros(())
         if not self.model.sizes_from_cells:  # else the size is read off the decoded PAD/EOS

@@ -29,6 +29,7 @@ from pips.losses import (
     slot_average_entropy,
 )
 from pips.metrics import CodeUsage, code_metrics
+from pips.optim import OPTIMIZERS
 from pips.quantizers.base import SCHEDULE_VALUES
 from pips.schedules import Schedule
 
@@ -328,7 +329,7 @@ class CodeModule(L.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         # lr=1 and a LambdaLR returning the scheduled value: the Schedule is the learning rate
-        optimizer = torch.optim.AdamW(
+        optimizer = OPTIMIZERS[optim.name](
             groups,
             lr=1.0,
             betas=(optim.beta1, optim.beta2),

@@ -15,6 +15,7 @@ from torchmetrics import Metric
 
 from pips.config import Config, SequenceConfig
 from pips.data.gssm import GSSM, load_sequences
+from pips.losses.stablemax import stablemax_cross_entropy
 from pips.models.sequence_ae import SequenceAutoencoder
 from pips.tasks.base import Headline, ProbeData, TaskError, register_task
 from pips.tasks.probe import ProbeError, bayes_baselines, hidden_nodes, sequence_features, split
@@ -137,6 +138,13 @@ class SequencesTask(TensorTask):
         return batch.tokens
 
     def loss(self, output, batch: SequenceBatch) -> torch.Tensor:
+        if self.config.loss.stablemax:
+            logits = output.token_logits
+            return stablemax_cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                batch.tokens.reshape(-1),
+                label_smoothing=self.config.loss.label_smoothing,
+            )
         logits = output.token_logits.float()
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
