@@ -478,6 +478,18 @@ class ImageConfig:
     )
 
 
+MODULAR_OPERATIONS = ("add", "subtract", "multiply")
+
+
+@dataclass
+class ModularConfig:
+    modulus: int = option(97, "p: the items are every pair (a, b) with a, b < p", min=2)
+    operation: str = option("add", "(a op b) mod p", MODULAR_OPERATIONS)
+    train_fraction: float = option(
+        0.5, "share of the p*p pairs trained on (the rest validate)", min=0.01, max=0.99
+    )
+
+
 @dataclass
 class SequenceConfig:
     preset: str = option(
@@ -497,7 +509,7 @@ class SequenceConfig:
 
 # Task names, and the config sections of tasks registered after the built-in ones (whose sections
 # are fields of Config). pips.tasks.register_task fills these; the config layer imports no task.
-TASK_NAMES: list[str] = ["grids", "images", "sequences"]
+TASK_NAMES: list[str] = ["grids", "images", "sequences", "modular"]
 EXTRA_SECTIONS: dict[str, type] = {}
 
 
@@ -527,6 +539,7 @@ class Config:
     trainer: TrainerConfig = option(TrainerConfig(), "trainer")
     images: ImageConfig = option(ImageConfig(), "images (task: images)")
     sequences: SequenceConfig = option(SequenceConfig(), "GSSM sequences (task: sequences)")
+    modular: ModularConfig = option(ModularConfig(), "modular arithmetic (task: modular)")
     init_from: str | None = option(
         None,
         "the checkpoint this run's weights started from (set by pips train --from; lineage)",
@@ -544,19 +557,24 @@ def _hints(cls: type) -> dict[str, Any]:
     return {**hints, **EXTRA_SECTIONS} if cls is Config else hints
 
 
-def _keys(config: Any) -> list[str]:
+def _keys(config: Any, every_section: bool = False) -> list[str]:
+    """The keys of a section; for Config, a registered task's section only when it is the
+    config's task (a run's config.yaml then reads where that task is not registered)."""
     names = [f.name for f in dataclasses.fields(config)]
-    return names + list(EXTRA_SECTIONS) if type(config) is Config else names
+    if type(config) is not Config:
+        return names
+    return names + [name for name in EXTRA_SECTIONS if every_section or name == config.task]
 
 
 # ---------------------------------------------------------------------------------------------
 # dict <-> dataclass with checks
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    """A plain nested dict (schedules as numbers or mappings), ready for YAML."""
+def to_dict(config: Any, every_section: bool = False) -> dict[str, Any]:
+    """A plain nested dict (schedules as numbers or mappings), ready for YAML; registered tasks'
+    sections only for the config's own task unless ``every_section``."""
     out = {}
-    for name in _keys(config):
+    for name in _keys(config, every_section):
         value = getattr(config, name)
         if isinstance(value, Schedule):
             value = value.to_config()
@@ -825,7 +843,7 @@ def _override(cls: type, base: dict[str, Any], keys: list[str], value: Any, path
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults <- YAML file <- overrides, checked. Raises ConfigError naming the bad key."""
-    values = to_dict(Config())
+    values = to_dict(Config(), every_section=True)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -1078,7 +1096,7 @@ def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, st
     """(key, default, help) for every leaf option, for ``pips train --help``."""
     rows = []
     defaults = cls()
-    for name in _keys(defaults):
+    for name in _keys(defaults, every_section=True):
         key = _join(prefix, name)
         value = getattr(defaults, name)
         if _is_section(value):

@@ -247,3 +247,12 @@ def test_lr_find_and_the_light_profiler_work_for_a_new_task(bits_task, tmp_path)
         if line
     ]
     assert len(rows) == 6 and all(row["cells_per_second"] > 0 for row in rows)
+
+
+def test_a_registered_tasks_section_stays_out_of_other_tasks_configs(bits_task):
+    """A grid run's config.yaml must read where the bits task is not registered."""
+    from pips.config import load_config, to_dict
+
+    assert "bits" not in to_dict(load_config())
+    assert to_dict(load_config(overrides=["task=bits"]))["bits"]["length"] == 16
+    assert load_config(overrides=["task=bits", "bits.length=8"]).bits.length == 8

@@ -19,6 +19,7 @@ from pips.tasks.base import (
 )
 from pips.tasks.grids import GridsTask
 from pips.tasks.images import ImagesTask
+from pips.tasks.modular import ModularTask
 from pips.tasks.sequences import SequencesTask
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Headline",
     "ImagesTask",
     "Items",
+    "ModularTask",
     "PeriodicDrawing",
     "ProbeData",
     "SequencesTask",
