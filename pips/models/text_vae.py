@@ -50,6 +50,8 @@ def _transformers():
             "the text task needs transformers, peft and gguf: pip install -e '.[text]' "
             "(make install does it)"
         ) from None
+    # its progress bars would mix with what the verbs print (pips evaluate --json)
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

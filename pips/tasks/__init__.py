@@ -20,6 +20,7 @@ from pips.tasks.base import (
 from pips.tasks.grids import GridsTask
 from pips.tasks.images import ImagesTask
 from pips.tasks.sequences import SequencesTask
+from pips.tasks.text import TextTask
 
 __all__ = [
     "TASKS",
@@ -32,6 +33,7 @@ __all__ = [
     "SequencesTask",
     "Task",
     "TaskError",
+    "TextTask",
     "get_task",
     "register_task",
 ]
