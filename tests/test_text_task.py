@@ -115,3 +115,13 @@ def test_a_missing_lm_folder_is_one_sentence(tmp_path):
     result = invoke("train", *common(tmp_path / "no_lm"), f"run_root={tmp_path}", "name=x")
     assert result.exit_code == 2, result.output
     assert "config.json" in result.output and not (tmp_path / "x").exists()
+
+
+def test_overlap_mode_and_a_gaussian_latent_train_through_the_runner(tiny_lm, tmp_path):
+    arguments = [*common(tiny_lm), "text.mode=overlap", "text.latent=gaussian"]
+    arguments += ["text.free_bits=0.5", "text.kl_weight=0.1", "trainer.max_steps=2"]
+    result = invoke("train", *arguments, f"run_root={tmp_path}", "name=g")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["capacity_bits"] > 0  # a Gaussian's capacity is its KL
+    assert "codes_bits_carried" in summary

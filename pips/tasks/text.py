@@ -229,6 +229,11 @@ class TextTask(TensorTask):
     data_class = TextDataModule
     module_class = TextModule
 
+    @property
+    def slotted(self) -> bool:
+        """Always: the text VAE pools every span into ``model.num_latents`` slots."""
+        return True
+
     def model_description(self) -> str:
         text, quantizer = self.config.text, self.config.model.quantizer.kind
         latent = "gaussian" if text.latent == "gaussian" else f"quantizer {quantizer}"
