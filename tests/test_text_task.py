@@ -110,6 +110,17 @@ def test_the_text_task_trains_resumes_and_evaluates_through_the_runner(tiny_lm, 
     metrics = json.loads(evaluated.output)["metrics"]
     assert metrics["nll_bits"] == pytest.approx(summary["nll_bits"], rel=1e-4)
 
+    generated = invoke("generate", tmp_path / "straight", "--text", "x" * 20 + "abc")
+    assert generated.exit_code == 0, generated.output
+    assert generated.output.count("decoded:") == 2  # 23 bytes: a 16-token span and a 7-token one
+    sampled = invoke("generate", tmp_path / "straight", "--text", "hello", "--temperature", "1")
+    assert sampled.exit_code == 0 and "decoded:" in sampled.output
+
+    codes = tmp_path / "codes.npz"
+    assert invoke("encode", tmp_path / "straight", "--out", codes).exit_code == 0
+    decoded = invoke("decode", tmp_path / "straight", codes, "--out", tmp_path / "spans.npz")
+    assert decoded.exit_code == 0, decoded.output
+
 
 def test_a_missing_lm_folder_is_one_sentence(tmp_path):
     result = invoke("train", *common(tmp_path / "no_lm"), f"run_root={tmp_path}", "name=x")

@@ -20,7 +20,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torchmetrics import Metric
 
 from pips.config import option
-from pips.data.text import TEXT_SOURCES, cut_spans, load_documents
+from pips.data.text import TEXT_SOURCES, cut_spans, load_documents, token_ids
 from pips.metrics import CodeUsage, code_metrics
 from pips.models.build import build_quantizer, quantizer_dim
 from pips.models.text_vae import LMError, TextVAE, load_causal_lm, load_tokenizer
@@ -316,3 +316,27 @@ class TextTask(TensorTask):
         """Greedy span tokens ``[B, T]`` from code indices ``[B, N]`` (no context)."""
         quantized = model.quantizer.codes_to_quantized(indices)
         return model.generate(quantized, self.config.text.span_tokens)
+
+    @torch.no_grad()
+    def generate(self, model, text, temperature=0.0, top_p=1.0, seed=0):
+        """``text`` cut into spans of ``text.span_tokens`` tokens (the last may be shorter), each
+        encoded to its codes and decoded back with the KV cache (greedy at temperature 0)."""
+        if self.config.text.mode == "overlap":
+            raise TaskError(
+                "pips generate decodes spans alone; this run was trained with context (text.mode=overlap)"
+            )
+        tokenizer = load_tokenizer(self.config.text.lm)
+        ids = token_ids(tokenizer, text)
+        if not ids:
+            raise TaskError("--text is empty: give some text to encode")
+        model.eval()
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        size = self.config.text.span_tokens
+        pairs = []
+        for start in range(0, len(ids), size):
+            piece = torch.tensor([ids[start : start + size]], device=device)  # [1, T]
+            quantized = model.encode(piece).quantizer.quantized
+            out = model.generate(quantized, piece.shape[1], None, temperature, top_p, generator)
+            pairs.append((tokenizer.decode(piece[0].tolist()), tokenizer.decode(out[0].tolist())))
+        return pairs
