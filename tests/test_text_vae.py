@@ -200,6 +200,22 @@ def test_a_gaussian_text_vae_trains_through_its_kl():
     assert vae.to_latent.weight.grad.abs().sum() > 0
 
 
+def test_word_dropout_replaces_decoder_inputs_only_while_training_and_prefix_scale():
+    vae = tiny_vae(word_dropout=1.0, prefix_scale=True)
+    tokens = spans()
+    quantized = vae.encode(tokens).quantizer.quantized
+    other = tokens.clone()
+    other[:, 1:-1] = 7  # every teacher-forced input but the first differs
+    vae.train()
+    with torch.no_grad():  # all inputs dropped: the logits cannot tell the two spans apart
+        torch.testing.assert_close(vae.decode(quantized, tokens), vae.decode(quantized, other))
+        vae.eval()
+        assert not torch.allclose(vae.decode(quantized, tokens), vae.decode(quantized, other))
+        rms = vae.prefix(quantized).pow(2).mean(-1).sqrt()
+    embeddings = vae.backbone.embed_tokens.weight
+    torch.testing.assert_close(rms, torch.full_like(rms, float(embeddings.pow(2).mean().sqrt())))
+
+
 def test_a_missing_lm_is_a_sentence_that_says_where_to_put_it(tmp_path):
     with pytest.raises(LMError, match="config.json"):
         resolve_lm(str(tmp_path / "nowhere"))

@@ -146,6 +146,8 @@ class TextVAE(nn.Module):
         lora_rank: int = 16,
         lora_alpha: float | None = None,
         free_bits: float = 0.0,
+        word_dropout: float = 0.0,
+        prefix_scale: bool = False,
     ):
         super().__init__()
         from peft import LoraConfig, get_peft_model
@@ -169,6 +171,14 @@ class TextVAE(nn.Module):
         self.hidden_size = hidden
         self.vocab_size = lm.config.vocab_size
         self.bos_token_id = lm.config.bos_token_id if lm.config.bos_token_id is not None else 0
+        self.word_dropout = word_dropout
+        # the token that replaces a dropped decoder input (Bowman et al. 2016's UNK)
+        self.dropped_token_id = next(
+            t for t in (lm.config.pad_token_id, lm.config.eos_token_id, 0) if t is not None
+        )
+        # prefix embeddings at the scale (RMS) of the LM's token embeddings
+        embeddings = lm.get_input_embeddings().weight
+        self.prefix_rms = float(embeddings.float().pow(2).mean().sqrt()) if prefix_scale else None
 
         width = model.width
         self.encoder_in = nn.Linear(hidden, width)
@@ -249,8 +259,12 @@ class TextVAE(nn.Module):
         return Encoded(latents, quantized, positions, padding[:, :count])
 
     def prefix(self, quantized: torch.Tensor) -> torch.Tensor:
-        """Slot latents ``[B, N, D]`` -> prefix embeddings ``[B, N, H]``."""
-        return self.to_prefix(quantized) + self.slot_embedding
+        """Slot latents ``[B, N, D]`` -> prefix embeddings ``[B, N, H]`` (with ``prefix_scale``:
+        each of RMS that of a token embedding)."""
+        prefix = self.to_prefix(quantized) + self.slot_embedding
+        if self.prefix_rms is not None:
+            prefix = nn.functional.rms_norm(prefix, prefix.shape[-1:]) * self.prefix_rms
+        return prefix
 
     def decode(
         self,
@@ -271,7 +285,11 @@ class TextVAE(nn.Module):
         if context is not None:
             parts.append(embed(context))
         start = sum(part.shape[1] for part in parts) - 1  # the position that predicts token 0
-        parts.append(embed(tokens[:, :-1]))
+        inputs = tokens[:, :-1]
+        if self.training and self.word_dropout > 0:  # the decoder must lean on the latent
+            dropped = torch.rand(inputs.shape, device=inputs.device) < self.word_dropout
+            inputs = inputs.masked_fill(dropped, self.dropped_token_id)
+        parts.append(embed(inputs))
         h = self.hidden_states(None, bidirectional=False, embeddings=torch.cat(parts, 1))
         return self.lm.get_output_embeddings()(h[:, start:])  # [B, T, V]
 

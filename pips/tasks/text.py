@@ -55,6 +55,16 @@ class TextConfig:
     )
     kl_weight: Schedule = option(Schedule("constant", 1.0), "gaussian: weight of the KL")
     free_bits: float = option(0.0, "gaussian: KL floor per slot, in bits", min=0)
+    word_dropout: float = option(
+        0.0,
+        "training only: share of the decoder's teacher-forced input tokens replaced by one fixed "
+        "token (pad/eos), so it must lean on the latent (Bowman et al. 2016)",
+        min=0,
+        max=1,
+    )
+    prefix_scale: bool = option(
+        False, "prefix embeddings RMS-normalised to the scale of the LM's token embeddings"
+    )
     lora_rank: int = option(16, "LoRA rank of both adapters", min=1)
     lora_alpha: float | None = option(None, "LoRA alpha (None: the rank)", min=0)
 
@@ -249,7 +259,14 @@ class TextTask(TensorTask):
         except LMError as error:
             raise TaskError(str(error)) from None
         return TextVAE(
-            lm, self.config.model, text.latent, text.lora_rank, text.lora_alpha, text.free_bits
+            lm,
+            self.config.model,
+            text.latent,
+            text.lora_rank,
+            text.lora_alpha,
+            text.free_bits,
+            text.word_dropout,
+            text.prefix_scale,
         )
 
     def inputs(self, batch: TextBatch) -> torch.Tensor:
