@@ -110,6 +110,19 @@ def test_the_text_task_trains_resumes_and_evaluates_through_the_runner(tiny_lm, 
     metrics = json.loads(evaluated.output)["metrics"]
     assert metrics["nll_bits"] == pytest.approx(summary["nll_bits"], rel=1e-4)
 
+    exported = tmp_path / "text.safetensors"
+    assert invoke("export", tmp_path / "straight", "--out", exported).exit_code == 0
+    from safetensors import safe_open
+
+    with safe_open(exported, "pt") as file:
+        names = list(file.keys())
+    assert names and not [k for k in names if "lm." in k and "lora_" not in k]  # no base weights
+    from_file = invoke("evaluate", exported, "--json")
+    assert from_file.exit_code == 0, from_file.output
+    assert json.loads(from_file.output)["metrics"]["nll_bits"] == pytest.approx(
+        summary["nll_bits"], rel=1e-4
+    )
+
     generated = invoke("generate", tmp_path / "straight", "--text", "x" * 20 + "abc")
     assert generated.exit_code == 0, generated.output
     assert generated.output.count("decoded:") == 2  # 23 bytes: a 16-token span and a 7-token one
