@@ -157,6 +157,7 @@ class TextVAE(nn.Module):
         self.config = model
         self.latent = latent
         lm.requires_grad_(False)
+        lm.train()  # from_pretrained leaves it in eval mode; the module's mode is the VAE's
         lora = LoraConfig(
             r=lora_rank,
             lora_alpha=lora_alpha or lora_rank,
