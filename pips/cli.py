@@ -225,6 +225,29 @@ def decode(
 
 
 @app.command()
+def generate(
+    run: Path = RUN_OR_CHECKPOINT,
+    text: str = typer.Option(..., "--text", help="the text to encode to codes and decode back"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy", min=0),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass", min=0, max=1),
+    seed: int = typer.Option(0, "--seed", help="seeds the sampling"),
+    last: bool = LAST_OPTION,
+) -> None:
+    """Text runs: the text's spans encoded to codes and decoded back from the codes alone.
+
+    Example: pips generate runs/text --text "The capital of France is Paris."
+    """
+    from pips.evaluation.commands import generate_text
+
+    try:
+        result = generate_text(run, text, temperature, top_p, seed, "last" if last else "best")
+    except _checkpoint_errors() as error:
+        _fail(str(error))
+    for piece, decoded in result["pieces"]:
+        typer.echo(f"text:    {piece!r}\ndecoded: {decoded!r}")
+
+
+@app.command()
 def export(
     run: Path = RUN_OR_CHECKPOINT,
     out: Path = typer.Option(..., "--out", help="the .safetensors file (or folder) to write"),

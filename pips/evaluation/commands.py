@@ -22,6 +22,7 @@ __all__ = [
     "encode_to_file",
     "evaluate_run",
     "export_run",
+    "generate_text",
     "probe_run",
 ]
 
@@ -84,6 +85,21 @@ def decode_to_file(
     items = task.decode(loaded.model, codes)
     written = task.write_items(items, metadata, Path(out))
     return {"checkpoint": str(loaded.checkpoint), "items": len(items), "written": written}
+
+
+def generate_text(
+    path: str | Path,
+    text: str,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    which: str = "best",
+) -> dict:
+    """A text run: ``text`` encoded to codes and decoded back, piece by piece."""
+    loaded = load_model(path, which)
+    task = get_task(loaded.config)
+    pairs = task.generate(loaded.model, text, temperature, top_p, seed)
+    return {"checkpoint": str(loaded.checkpoint), "pieces": pairs}
 
 
 def probe_run(

@@ -21,6 +21,7 @@ from pips.tasks.grids import GridsTask
 from pips.tasks.images import ImagesTask
 from pips.tasks.modular import ModularTask
 from pips.tasks.sequences import SequencesTask
+from pips.tasks.text import TextTask
 
 __all__ = [
     "TASKS",
@@ -34,6 +35,7 @@ __all__ = [
     "SequencesTask",
     "Task",
     "TaskError",
+    "TextTask",
     "get_task",
     "register_task",
 ]

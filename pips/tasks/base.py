@@ -167,6 +167,17 @@ class Task:
         """The per-item metadata of a codes file (what :meth:`items` saved) checked before
         :meth:`write_items` uses it; a :class:`TaskError` names the bad array."""
 
+    def generate(
+        self,
+        model: torch.nn.Module,
+        text: str,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[tuple[str, str]]:
+        """``text`` encoded to codes and decoded back, piece by piece: (piece, reconstruction)."""
+        raise TaskError(f"pips generate needs a text run; this is a {self.name} run")
+
     def write_items(self, items: list, metadata: dict[str, np.ndarray], out: Path) -> str:
         """Write decoded items to ``out`` (grids: ARC task JSON); returns a description."""
         raise NotImplementedError

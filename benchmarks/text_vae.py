@@ -1,0 +1,109 @@
+"""Step time and peak memory of the text VAE's training step against a plain LoRA step of the
+base LM (forward + backward of the span's next-token loss, one adapter), same batch, same
+process. Prints the ratio (the issue's target: the VAE step at most 2.5x).
+
+    python benchmarks/text_vae.py                      # SmolLM2-135M, 4 spans of 32 tokens
+    python benchmarks/text_vae.py --batch 8 --steps 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pips.config import ModelConfig, QuantizerConfig
+from pips.models.text_vae import TextVAE, load_causal_lm
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux)
+
+
+def timed(step, steps: int, device: torch.device) -> float:
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lm", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--span", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=16)
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    start = time.perf_counter()
+    lm = load_causal_lm(arguments.lm, dtype)
+    load_seconds = time.perf_counter() - start
+    model = ModelConfig(
+        layout="pooled",
+        width=128,
+        heads=4,
+        num_latents=8,
+        quantizer=QuantizerConfig(kind="fsq", levels=[8, 5, 5, 5]),
+    )
+    vae = TextVAE(lm, model, lora_rank=arguments.rank).to(device)
+    if dtype != torch.float32:
+        vae.lm.to(dtype)
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(10, 1000, (arguments.batch, arguments.span), generator=generator)
+    tokens = tokens.to(device)
+
+    def plain_step():  # the base with the decoder adapter only: next-token loss of the span
+        vae.use_adapter("decoder")
+        logits = vae.lm(input_ids=tokens).logits[:, :-1]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def vae_step():
+        logits = vae(tokens).token_logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    plain = timed(plain_step, arguments.steps, device)
+    plain_memory = peak_mb(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step = timed(vae_step, arguments.steps, device)
+    vae_memory = peak_mb(device)
+    tokens_per_step = arguments.batch * arguments.span
+    print(
+        f"{arguments.lm} on {device} ({dtype}), {arguments.threads} thread(s): loaded in {load_seconds:.1f} s; {vae.describe_trainable()}"
+    )
+    print(f"batch {arguments.batch} x {arguments.span} tokens, mean of {arguments.steps} steps")
+    print(
+        f"  LoRA step of the base LM: {plain:.3f} s ({tokens_per_step / plain:.0f} tokens/s), peak {plain_memory:.0f} MB"
+    )
+    print(
+        f"  text VAE step:            {step:.3f} s ({tokens_per_step / step:.0f} tokens/s), peak {vae_memory:.0f} MB"
+    )
+    print(f"  ratio {step / plain:.2f}x (target: at most 2.5x)")
+    if device.type == "cpu":
+        print("  (CPU peak memory is the process's peak RSS, so the second includes the first)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Text as spans of LM tokens: documents from a source, split into training and validation by a
+stable hash of their names, tokenized and cut into consecutive spans of ``span_tokens`` tokens.
+
+Sources, all offline: ``pydoc`` (the topics of ``pydoc_data.topics``, English prose that ships
+with every Python, one document per topic), ``arc`` (ARC grids written as text, one row of digits
+per line, one document per grid; ARC-AGI-1's own training/evaluation split), or a folder of
+``.txt`` files (one document each) and ``.jsonl`` files (one document per line, its ``text``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pips.data.arc import is_evaluation_task, load_grids
+
+TEXT_SOURCES = ("pydoc", "arc")
+
+
+class TextError(ValueError):
+    """A text source that cannot be read; the message names the file or the fix."""
+
+
+def grid_text(grid: np.ndarray) -> str:
+    """An ARC grid as text: one row of digits per line."""
+    return "\n".join("".join(str(int(c)) for c in row) for row in grid)
+
+
+def _split(documents: list[tuple[str, str]], split: str, val_fraction: float):
+    return [
+        (name, text)
+        for name, text in documents
+        if is_evaluation_task(name, val_fraction) == (split == "validation")
+    ]
+
+
+def _folder_documents(root: Path) -> list[tuple[str, str]]:
+    if not root.is_dir():
+        raise TextError(
+            f"text.source {root} is not pydoc, arc or a folder; give a folder of .txt or "
+            f".jsonl files"
+        )
+    files = sorted([*root.rglob("*.txt"), *root.rglob("*.jsonl")])
+    if not files:
+        raise TextError(f"text folder {root} holds no .txt or .jsonl files")
+    documents = []
+    for file in files:
+        name = file.relative_to(root).as_posix()
+        if file.suffix == ".txt":
+            documents.append((name, file.read_text(encoding="utf-8-sig")))
+            continue
+        for number, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TextError(
+                    f"{file}, line {number + 1}: expected a JSON object with a 'text' field"
+                ) from None
+            documents.append((f"{name}:{number}", str(text)))
+    return documents
+
+
+def load_documents(source: str, split: str, val_fraction: float = 0.1) -> list[tuple[str, str]]:
+    """(name, text) of the documents of ``source``'s ``split`` (training or validation), in a
+    deterministic order."""
+    if split not in ("training", "validation"):
+        raise ValueError(f"split must be training or validation; got {split!r}")
+    if source == "pydoc":
+        from pydoc_data.topics import topics
+
+        return _split(sorted(topics.items()), split, val_fraction)
+    if source == "arc":
+        records = load_grids("arc1", "training" if split == "training" else "evaluation")
+        return [
+            (f"{r.task_id}/{r.subset}{r.pair_index}/{r.role}", grid_text(r.grid)) for r in records
+        ]
+    return _split(_folder_documents(Path(source).expanduser()), split, val_fraction)
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """``text``'s token ids without special tokens (BOS/EOS), from a Hugging Face tokenizer or
+    any object with ``encode(text)``."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except TypeError:
+        return list(tokenizer.encode(text))
+
+
+def cut_spans(
+    documents: list[tuple[str, str]], tokenizer, span_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive spans ``[S, span_tokens]`` of each document's tokens (a document's last,
+    shorter piece is dropped), and each span's predecessor in its document (``[S]``, -1 for a
+    document's first span): the overlap mode's context."""
+    spans, previous = [], []
+    for _, text in documents:
+        ids = token_ids(tokenizer, text)
+        count = len(ids) // span_tokens
+        if count == 0:
+            continue
+        start = len(spans)
+        spans.extend(
+            np.asarray(ids[: count * span_tokens], dtype=np.int64).reshape(count, span_tokens)
+        )
+        previous.extend([-1, *range(start, start + count - 1)])
+    if not spans:
+        return np.zeros((0, span_tokens), dtype=np.int64), np.zeros((0,), dtype=np.int64)
+    return np.stack(spans), np.asarray(previous, dtype=np.int64)

@@ -1,0 +1,53 @@
+"""Text spans from pydoc, ARC grids and folders, cut with a trivial character tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pips.data.text import TextError, cut_spans, grid_text, load_documents
+
+
+class Characters:
+    """A tokenizer of code points below 256 (the test's stand-in for an LM's)."""
+
+    def encode(self, text: str) -> list[int]:
+        return [min(ord(c), 255) for c in text]
+
+
+def test_pydoc_topics_split_by_a_stable_hash_into_disjoint_sets():
+    train = load_documents("pydoc", "training")
+    val = load_documents("pydoc", "validation")
+    assert len(train) + len(val) == 79 and val
+    assert not {n for n, _ in train} & {n for n, _ in val}
+    assert load_documents("pydoc", "validation") == val
+
+
+def test_arc_grids_are_one_row_of_digits_per_line():
+    assert grid_text(np.array([[0, 7], [3, 9]])) == "07\n39"
+    train = load_documents("arc", "training")
+    assert set(train[0][1]) <= set("0123456789\n")
+
+
+def test_spans_are_consecutive_pieces_of_each_document_with_their_predecessor():
+    documents = [("a", "abcdefghij"), ("b", "xy"), ("c", "0123456")]
+    spans, previous = cut_spans(documents, Characters(), 3)
+    text = ["".join(map(chr, row)) for row in spans]
+    assert text == ["abc", "def", "ghi", "012", "345"]  # "b" is shorter than a span
+    assert previous.tolist() == [-1, 0, 1, -1, 3]
+
+
+def test_a_folder_of_txt_and_jsonl_files(tmp_path):
+    (tmp_path / "one.txt").write_text("hello world")
+    (tmp_path / "two.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"line {i}"}) for i in range(40))
+    )
+    everything = load_documents(str(tmp_path), "training", 0.0)
+    assert len(everything) == 41 and everything[0] == ("one.txt", "hello world")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(TextError, match="bad.jsonl, line 1"):
+        load_documents(str(tmp_path), "training")
+    with pytest.raises(TextError, match="not pydoc, arc or a folder"):
+        load_documents(str(tmp_path / "missing"), "training")

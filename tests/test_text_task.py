@@ -1,0 +1,151 @@
+"""The text task through the ordinary runner: a tiny random Llama and a byte tokenizer written to
+a local folder (text.lm), trained a few steps on pydoc spans, stopped, resumed, evaluated."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+def invoke(*arguments):
+    from typer.testing import CliRunner
+
+    from pips.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in arguments])
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A folder with a randomly initialised tiny Llama and a byte-level tokenizer (no merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.3,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def common(lm):
+    return [
+        "task=text",
+        f"text.lm={lm}",
+        "text.span_tokens=16",
+        "text.lora_rank=4",
+        "model.layout=pooled",
+        "model.size_from=heads",
+        "model.width=32",
+        "model.heads=2",
+        "model.num_latents=4",
+        "model.quantizer.kind=fsq",
+        "model.quantizer.levels=[8,5,5,5]",
+        "data.batch_size=4",
+        "data.val_batch_size=8",
+        "data.max_samples=64",
+        "data.max_val_samples=16",
+        "data.max_final_val_samples=16",
+        "trainer.max_steps=6",
+        "trainer.val_every=3",
+        "trainer.log_every=2",
+        "trainer.image_every=0",
+        "trainer.progress=false",
+        "trainer.threads=1",
+        "optim.lr.start=3e-3",
+    ]
+
+
+def test_the_text_task_trains_resumes_and_evaluates_through_the_runner(tiny_lm, tmp_path):
+    root = f"run_root={tmp_path}"
+    straight = invoke("train", *common(tiny_lm), root, "name=straight")
+    assert straight.exit_code == 0, straight.output
+    assert "trainable" in straight.output
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    for key in ("codes_bits_carried", "nll_bits", "lm_nll_bits", "token_accuracy"):
+        assert key in summary, summary
+    assert summary["capacity_bits"] == pytest.approx(4 * math.log2(1000))  # 4 slots of 1000 codes
+    assert summary["codebook_perplexity"] >= 1
+
+    checkpoint = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint["state_dict"]
+    assert not [k for k in state if ".lm." in k and "lora_" not in k]  # no frozen base weights
+
+    stopped = invoke("train", *common(tiny_lm), root, "name=stopped", "trainer.stop_at_step=3")
+    assert stopped.exit_code == 0, stopped.output
+    resumed = invoke("resume", tmp_path / "stopped", "trainer.stop_at_step=null")
+    assert resumed.exit_code == 0, resumed.output
+    other = torch.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert other["global_step"] == checkpoint["global_step"] == 6
+    for key in state:
+        torch.testing.assert_close(state[key], other["state_dict"][key], rtol=0, atol=0, msg=key)
+
+    evaluated = invoke("evaluate", tmp_path / "straight", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(evaluated.output)["metrics"]
+    assert metrics["nll_bits"] == pytest.approx(summary["nll_bits"], rel=1e-4)
+
+    exported = tmp_path / "text.safetensors"
+    assert invoke("export", tmp_path / "straight", "--out", exported).exit_code == 0
+    from safetensors import safe_open
+
+    with safe_open(exported, "pt") as file:
+        names = list(file.keys())
+    assert names and not [k for k in names if "lm." in k and "lora_" not in k]  # no base weights
+    from_file = invoke("evaluate", exported, "--json")
+    assert from_file.exit_code == 0, from_file.output
+    assert json.loads(from_file.output)["metrics"]["nll_bits"] == pytest.approx(
+        summary["nll_bits"], rel=1e-4
+    )
+
+    generated = invoke("generate", tmp_path / "straight", "--text", "x" * 20 + "abc")
+    assert generated.exit_code == 0, generated.output
+    assert generated.output.count("decoded:") == 2  # 23 bytes: a 16-token span and a 7-token one
+    sampled = invoke("generate", tmp_path / "straight", "--text", "hello", "--temperature", "1")
+    assert sampled.exit_code == 0 and "decoded:" in sampled.output
+
+    codes = tmp_path / "codes.npz"
+    assert invoke("encode", tmp_path / "straight", "--out", codes).exit_code == 0
+    decoded = invoke("decode", tmp_path / "straight", codes, "--out", tmp_path / "spans.npz")
+    assert decoded.exit_code == 0, decoded.output
+
+
+def test_a_missing_lm_folder_is_one_sentence(tmp_path):
+    result = invoke("train", *common(tmp_path / "no_lm"), f"run_root={tmp_path}", "name=x")
+    assert result.exit_code == 2, result.output
+    assert "config.json" in result.output and not (tmp_path / "x").exists()
+
+
+def test_overlap_mode_and_a_gaussian_latent_train_through_the_runner(tiny_lm, tmp_path):
+    arguments = [*common(tiny_lm), "text.mode=overlap", "text.latent=gaussian"]
+    arguments += ["text.free_bits=0.5", "text.kl_weight=0.1", "trainer.max_steps=2"]
+    result = invoke("train", *arguments, f"run_root={tmp_path}", "name=g")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["capacity_bits"] > 0  # a Gaussian's capacity is its KL
+    assert "codes_bits_carried" in summary

