@@ -251,7 +251,7 @@ def test_describe_options_lists_every_leaf_key_once_with_its_default():
     rows = describe_options()
     keys = [key for key, _, _ in rows]
     assert len(keys) == len(set(keys))
-    assert keys == _leaf_keys(to_dict(Config()))
+    assert keys == _leaf_keys(to_dict(Config(), every_section=True))
     described = dict((key, (default, text)) for key, default, text in rows)
     assert "model.quantizer.kind" in described
     assert described["model.quantizer.kind"][0] == "fsq"
