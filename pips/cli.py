@@ -431,6 +431,24 @@ COMPARE_COLUMNS = [
 ]
 
 
+def _run_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """The columns of a table of runs: each run's own headline metric, and the columns some run
+    has a value for (grid runs: bits/grid, cell and grid accuracy, dead codes...; "-" where a
+    run has none, e.g. the dead codes of a continuous run)."""
+    columns = [
+        column
+        for column in COMPARE_COLUMNS[1:]
+        if any(row.get(column[0]) is not None for row in rows)
+    ]
+    keys = {key for key, _ in columns}
+    head = [("name", "run")]
+    if len({row["task"] for row in rows}) > 1:
+        head.append(("task", "task"))
+    if any(row["headline"] not in keys for row in rows):
+        head.append(("result", "final"))
+    return head + columns
+
+
 @app.command()
 def compare(
     run_dirs: list[Path] = typer.Argument(..., help="run folders to put side by side"),
@@ -451,19 +469,7 @@ def compare(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    # each run's own headline metric, and the columns every run has a value for
-    columns = [
-        column
-        for column in COMPARE_COLUMNS[1:]
-        if all(row.get(column[0]) is not None for row in rows)
-    ]
-    keys = {key for key, _ in columns}
-    head = [("name", "run")]
-    if len({row["task"] for row in rows}) > 1:
-        head.append(("task", "task"))
-    if any(row["headline"] not in keys for row in rows):
-        head.append(("result", "final"))
-    _print_table(rows, head + columns)
+    _print_table(rows, _run_columns(rows))
 
 
 @app.command()
@@ -600,7 +606,7 @@ def shootout(
         )
     except (ConfigError, RunError) as error:
         _fail(str(error))
-    _print_table(rows, COMPARE_COLUMNS, title=f"{bits} bits per code, {steps} steps each")
+    _print_table(rows, _run_columns(rows), title=f"{bits} bits per code, {steps} steps each")
     typer.echo(f"runs and shootout.json in {root}")
 
 
