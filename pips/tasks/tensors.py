@@ -121,15 +121,24 @@ class AutoencoderModule(CodeModule):
     """Reconstruction loss plus the quantizer's loss and the latent terms; validation through the
     task's metric (``task.metric``) and the code usage."""
 
+    def step_output(self, batch, values: dict[str, float]):
+        """The model's forward pass on a training batch."""
+        return self(self.task.inputs(batch), **values)
+
+    def latent_loss_weight(self, step: int, values: dict[str, float]) -> tuple[str, float]:
+        """The name under which the model's own latent loss is logged, and its weight now."""
+        return "quantizer", values["quantizer_weight"]
+
     def train_losses(self, batch, step: int, with_logs: bool = False):
         values = self.schedule_values(step)
-        output = self(self.task.inputs(batch), **values)
+        output = self.step_output(batch, values)
         reconstruction = self.task.loss(output, batch)
-        quantizer_loss = output.encoded.quantizer.loss
+        latent_loss = output.encoded.quantizer.loss
+        name, weight = self.latent_loss_weight(step, values)
         losses = {
-            "total": reconstruction + values["quantizer_weight"] * quantizer_loss,
+            "total": reconstruction + weight * latent_loss,
             self.task.reconstruction_loss: reconstruction,
-            "quantizer": quantizer_loss,
+            name: latent_loss,
         }
         terms, clamped = self.add_latent_terms(output, losses, step, values)
         if not with_logs:

@@ -188,25 +188,14 @@ class TextModule(AutoencoderModule):
         if self.trainer.is_global_zero:
             print(f"text VAE: {self.model.describe_trainable()}")
 
-    def train_losses(self, batch: TextBatch, step: int, with_logs: bool = False):
-        values = self.schedule_values(step)
-        output = self(batch, **values)
-        reconstruction = self.task.loss(output, batch)
-        latent_loss = output.encoded.quantizer.loss
-        gaussian = self.config.text.latent == "gaussian"
-        weight = self.kl_weight(step) if gaussian else values["quantizer_weight"]
-        losses = {
-            "total": reconstruction + weight * latent_loss,
-            self.task.reconstruction_loss: reconstruction,
-            "kl" if gaussian else "quantizer": latent_loss,
-        }
-        terms, clamped = self.add_latent_terms(output, losses, step, values)
-        if not with_logs:
-            return losses["total"], {}
-        logs = self.common_logs(output, losses, terms, clamped, values, step)
-        with torch.no_grad():
-            logs.update(self.task.train_logs(output, batch))
-        return losses["total"], logs
+    def step_output(self, batch: TextBatch, values: dict[str, float]):
+        return self(batch, **values)
+
+    def latent_loss_weight(self, step: int, values: dict[str, float]) -> tuple[str, float]:
+        """Codes: the quantizer's loss at its weight; Gaussian: the KL at text.kl_weight."""
+        if self.config.text.latent == "gaussian":
+            return "kl", self.kl_weight(step)
+        return "quantizer", values["quantizer_weight"]
 
     def validation_step(self, batch: TextBatch, batch_idx: int) -> None:
         values = self.quantizer_values(self.global_step)
