@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pips.config import ConfigError, describe_options
+from pips.config import QUANTIZER_KINDS, ConfigError, describe_options
 
 app = typer.Typer(
     add_completion=False,
@@ -551,19 +551,7 @@ def lr_find(
     typer.echo(f"use it with: optim.lr.start={suggestion:.3g}")
 
 
-KIND_NAMES = (  # = shootout.KINDS (tested)
-    "gumbel",
-    "vq",
-    "fsq",
-    "lfq",
-    "rvq",
-    "gvq",
-    "simvq",
-    "product_vq",
-    "residual_fsq",
-    "radial",
-    "none",
-)
+KIND_NAMES = QUANTIZER_KINDS  # = shootout.KINDS (tested), without importing the runner
 
 
 @app.command()

@@ -15,23 +15,11 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from pips.config import ConfigError, load_config
+from pips.config import QUANTIZER_KINDS, ConfigError, load_config
 from pips.evaluation.runs import run_row
 from pips.training.run import train
 
-KINDS = (
-    "gumbel",
-    "vq",
-    "fsq",
-    "lfq",
-    "rvq",
-    "gvq",
-    "simvq",
-    "product_vq",
-    "residual_fsq",
-    "radial",
-    "none",
-)
+KINDS = QUANTIZER_KINDS  # every quantizer, the continuous reference ("none") last
 RUN_NAMES = {"none": "continuous"}  # a run named "none" would read as no name
 FSQ_LEVELS = {
     8: [8, 6, 5],
