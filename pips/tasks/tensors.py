@@ -166,6 +166,7 @@ class TensorTask(Task):
     data_class: type[TensorDataModule] = TensorDataModule
     module_class: type[AutoencoderModule] = AutoencoderModule
     shape_key = "data_shape"  # the hyper-parameter that holds the data's shape
+    held_out = "the validation split"  # what evaluate scores, for its messages
 
     # ------------------------------------------------------------------- hooks
     def new_model(self, shape: tuple[int, ...]) -> torch.nn.Module:
@@ -230,27 +231,40 @@ class TensorTask(Task):
             )
         return self.new_model(tuple(int(v) for v in hyper_parameters[self.shape_key]))
 
+    def score_batch(self, model, batch, quality, codes: CodeUsage) -> None:
+        """Add one evaluation batch (on the model's device) to the metrics."""
+        self.update_metrics(quality, codes, model(self.inputs(batch)), batch)
+
     @torch.no_grad()
+    def score_loader(self, model, loader, device) -> dict[str, float]:
+        """The task's metrics and the code usage over every batch of ``loader`` (eval mode)."""
+        was_training = model.training
+        model.eval()
+        quality = self.metric(sync_on_compute=False).to(device)
+        codes = CodeUsage(model.quantizer.codebook_size, self.slotted, sync_on_compute=False)
+        codes = codes.to(device)
+        for batch in loader:
+            self.score_batch(model, move_data_to_device(batch, device), quality, codes)
+        model.train(was_training)
+        return {**quality.compute(), **code_metrics(codes, self.unit)}
+
+    def final_metrics(self, module, data: TensorDataModule) -> tuple[dict[str, float], int]:
+        """The run's own data module, not a second copy of the data."""
+        loader = data.final_dataloader()
+        return self.score_loader(module.model, loader, module.device), len(loader.dataset)
+
     def evaluate(self, model, spec, device="cpu") -> tuple[dict[str, float], int, str]:
         if spec is not None:
             raise TaskError(
-                f"--data picks ARC grids; a {self.name} run is evaluated on the validation split "
+                f"--data picks ARC grids; a {self.name} run is evaluated on {self.held_out} "
                 f"of its own config ({self.name}.*): leave --data out"
             )
-        data = self.datamodule()
-        loader = data.final_dataloader()
-        was_training = model.training
-        model.eval()
-        quality = self.metric(sync_on_compute=False)
-        codes = CodeUsage(model.quantizer.codebook_size, self.slotted, sync_on_compute=False)
-        quality, codes = quality.to(device), codes.to(device)
-        for batch in loader:
-            batch = move_data_to_device(batch, device)
-            self.update_metrics(quality, codes, model(self.inputs(batch)), batch)
-        model.train(was_training)
+        loader = self.datamodule().final_dataloader()
         count = len(loader.dataset)
-        metrics = {**quality.compute(), **code_metrics(codes, self.unit)}
-        return metrics, count, f"{count} validation {self.unit}"
+        return self.score_loader(model, loader, device), count, self.evaluation_note(count)
+
+    def evaluation_note(self, count: int) -> str:
+        return f"{count} validation {self.unit}"
 
     def items(self, spec: str | None, distinct: bool = True) -> Items:
         if spec is not None:

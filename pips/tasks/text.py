@@ -16,12 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torchmetrics import Metric
 
 from pips.config import option
 from pips.data.text import TEXT_SOURCES, cut_spans, load_documents, token_ids
-from pips.metrics import CodeUsage, code_metrics
 from pips.models.build import build_quantizer, quantizer_dim
 from pips.models.text_vae import LMError, TextVAE, load_causal_lm, load_tokenizer
 from pips.quantizers.base import SCHEDULE_VALUES
@@ -205,6 +203,7 @@ class TextModule(AutoencoderModule):
 @register_task
 class TextTask(TensorTask):
     name = "text"
+    held_out = "the held-out spans"
     unit = "spans"
     section = TextConfig
     headline = Headline("codes_bits_carried", "bits carried", 2, "max")
@@ -298,25 +297,11 @@ class TextTask(TensorTask):
         )
         codes.update(encoded.quantizer.indices, encoded.latent_padding)
 
-    @torch.no_grad()
-    def evaluate(self, model, spec, device="cpu") -> tuple[dict[str, float], int, str]:
-        if spec is not None:
-            raise TaskError(
-                "--data picks ARC grids; a text run is evaluated on the held-out spans of its "
-                "own config (text.*): leave --data out"
-            )
-        loader = self.datamodule().final_dataloader()
-        was_training = model.training
-        model.eval()
-        quality = self.metric(sync_on_compute=False).to(device)
-        codes = CodeUsage(model.quantizer.codebook_size, self.slotted, sync_on_compute=False)
-        codes = codes.to(device)
-        for batch in loader:
-            self.score(model, move_data_to_device(batch, device), quality, codes)
-        model.train(was_training)
-        count = len(loader.dataset)
-        metrics = {**quality.compute(), **code_metrics(codes, self.unit)}
-        return metrics, count, f"{count} held-out spans"
+    def score_batch(self, model, batch, quality, codes) -> None:
+        self.score(model, batch, quality, codes)
+
+    def evaluation_note(self, count: int) -> str:
+        return f"{count} held-out spans"
 
     def decode_codes(self, model: TextVAE, indices: torch.Tensor) -> torch.Tensor:
         """Greedy span tokens ``[B, T]`` from code indices ``[B, N]`` (no context)."""
