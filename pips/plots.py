@@ -3,7 +3,9 @@ curves read from a run's metrics.csv."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 from pathlib import Path
 
 import matplotlib
@@ -202,9 +204,6 @@ def save_image_rows(rows: list[torch.Tensor], path: Path, title: str = "") -> No
 
 def html_image(draw) -> str:
     """``draw(file)`` writes a PNG into a buffer; returns an <img> tag with it embedded."""
-    import base64
-    import io
-
     buffer = io.BytesIO()
     draw(buffer)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -3,7 +3,6 @@ one row per run for `pips compare`."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -14,13 +13,7 @@ import yaml
 
 from pips.plots import read_metrics
 from pips.tasks import TASKS
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+from pips.training.checkpoints import read_json_record
 
 
 def _process_alive(pid: int) -> bool:
@@ -37,7 +30,7 @@ def run_status(run_dir: Path) -> str:
     """running / finished / interrupted / crashed (a "running" run whose process on this host
     is gone crashed without saying so); runs from before status.json: finished if they have a
     summary, else incomplete."""
-    record = _json(run_dir / "status.json")
+    record = read_json_record(run_dir / "status.json")
     status = record.get("status")
     if status is None:
         return "finished" if (run_dir / "summary.json").is_file() else "incomplete"
@@ -82,8 +75,8 @@ def _last(series: dict, key: str) -> float | None:
 def run_row(run_dir: Path) -> dict:
     """One run's name, status, model, steps, best validation metrics, final metrics, time."""
     run_dir = Path(run_dir)
-    summary = _json(run_dir / "summary.json")
-    status_record = _json(run_dir / "status.json")
+    summary = read_json_record(run_dir / "summary.json")
+    status_record = read_json_record(run_dir / "status.json")
     series = read_metrics(run_dir / "metrics.csv")
     try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}

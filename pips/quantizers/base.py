@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -72,8 +73,6 @@ class Quantizer(nn.Module):
 def check_code_indices(indices, codebook_size: int, where: str):
     """``indices`` (a numpy array) as integer code indices inside a codebook of
     ``codebook_size`` codes, or a ValueError that names the first bad one."""
-    import numpy as np
-
     if not np.issubdtype(indices.dtype, np.integer):
         raise ValueError(f"{where}: codes must be integers; got {indices.dtype}")
     if indices.size and (indices.min() < 0 or indices.max() >= codebook_size):

@@ -176,6 +176,16 @@ def check_checkpoint_fits(config: Config, path: Path, changed: list[str] | None 
     return checkpoint
 
 
+def read_json_record(path: Path) -> dict:
+    """A run folder's JSON record (status.json, summary.json), or {} when it is missing or
+    damaged (a killed write): for views that must not fail on one bad file."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def read_json_file(path: Path, what: str) -> dict:
     """A JSON object a run folder holds (summary.json, status.json): {} when absent, a sentence
     when it is damaged (a write cut short)."""

@@ -48,6 +48,7 @@ from pips.training.checkpoints import (
     find_checkpoint,
     load_weights,
     read_checkpoint,
+    read_json_record,
 )
 from pips.training.last_checkpoint import EveryValidationCheckpoint
 from pips.training.lock import RunFolderLocked, RunLock
@@ -321,7 +322,7 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
     """``status.json``: running / finished / interrupted / crashed, with the process and times
     (`pips runs` reads it; a "running" run whose process is gone is shown as crashed)."""
     path = run_dir / "status.json"
-    record = _read_json(path)
+    record = read_json_record(path)
     now = datetime.now().isoformat(timespec="seconds")
     if status == "running":
         record = {"started": now, "pid": os.getpid(), "host": socket.gethostname()}
@@ -408,7 +409,7 @@ def _saved_step(run_dir: Path) -> int | None:
 
 def _wall_seconds_so_far(run_dir: Path) -> float:
     """Training time of the run's earlier sessions, interrupted ones included."""
-    status = _read_json(run_dir / "status.json")
+    status = read_json_record(run_dir / "status.json")
     if isinstance(status.get("wall_seconds"), int | float):
         return float(status["wall_seconds"])
     return float(_read_summary(run_dir).get("wall_seconds", 0.0) or 0.0)
@@ -489,16 +490,7 @@ def _initialise_from(module: L.LightningModule, path: Path) -> None:
 
 
 def _read_summary(run_dir: Path) -> dict:
-    return _read_json(run_dir / "summary.json")
-
-
-def _read_json(path: Path) -> dict:
-    """A run folder's JSON record, or {} when it is missing or damaged (a killed write)."""
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return read_json_record(run_dir / "summary.json")
 
 
 def preflight(config: Config) -> None:
