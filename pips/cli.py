@@ -86,7 +86,7 @@ def train(
     Fine-tune: pips train --from runs/quick model.quantizer.temperature=0.5 name=quick-cold
     """
     from pips.training.callbacks import NonFiniteLoss
-    from pips.training.checkpoints import CheckpointError
+    from pips.tasks.checkpoints import CheckpointError
     from pips.training.run import RunError
     from pips.training.run import train as run_train
 
@@ -129,7 +129,7 @@ def _checkpoint_errors():
     from pips.data.arc import GridError
     from pips.evaluation.codes import CodesError
     from pips.tasks import TaskError
-    from pips.training.checkpoints import CheckpointError
+    from pips.tasks.checkpoints import CheckpointError
 
     return (CheckpointError, CodesError, TaskError, ConfigError, GridError, OSError)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pips.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from pips.tasks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 
 
 class SaveInterrupted(Exception):

@@ -11,7 +11,7 @@ import torch
 
 from pips.data import collate_grids, load_grids
 from pips.evaluation.codes import load_codes
-from pips.training.checkpoints import CheckpointError, load_model
+from pips.tasks.checkpoints import CheckpointError, load_model
 
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 

@@ -149,7 +149,7 @@ def test_a_crafted_checkpoint_never_runs_its_payload(crafted_checkpoint, tmp_pat
 
 
 def test_real_checkpoints_load_with_weights_only(tiny_run):
-    from pips.training.checkpoint_io import SAFE_GLOBALS, safe_torch_load
+    from pips.tasks.checkpoint_io import SAFE_GLOBALS, safe_torch_load
 
     run_dir, _ = tiny_run
     assert SAFE_GLOBALS == []  # PIPS saves tensors and plain values only: no allow-list needed
@@ -159,7 +159,7 @@ def test_real_checkpoints_load_with_weights_only(tiny_run):
 
 
 def test_lightning_resume_reads_through_the_safe_loader(crafted_checkpoint):
-    from pips.training.checkpoint_io import AtomicCheckpointIO, UnsafeCheckpoint
+    from pips.tasks.checkpoint_io import AtomicCheckpointIO, UnsafeCheckpoint
 
     run_dir, marker = crafted_checkpoint
     with pytest.raises(UnsafeCheckpoint):  # trainer.fit(ckpt_path=...) loads with this plugin
@@ -519,7 +519,7 @@ def test_a_full_disk_is_a_sentence_and_keeps_the_earlier_checkpoint(
 ):
     import errno
 
-    from pips.training import checkpoint_io
+    from pips.tasks import checkpoint_io
 
     real = checkpoint_io.atomic_torch_save
     calls = {"n": 0}

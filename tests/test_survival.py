@@ -465,7 +465,7 @@ def test_checkpoints_every_n_steps_and_the_best_k_by_a_chosen_metric(task_folder
     assert sorted(p.name for p in folder.glob("last*.ckpt")) == ["last.ckpt"]
     assert not list(folder.glob(".*.tmp"))  # no temporary files left behind
     from pips.plots import read_metrics
-    from pips.training.checkpoints import find_checkpoint
+    from pips.tasks.checkpoints import find_checkpoint
 
     steps, losses = read_metrics(tmp_path / "ck" / "metrics.csv")["val/loss_cells"]
     best_step = int(steps[losses.argmin()]) + 1  # logged at the step before it is counted

@@ -12,7 +12,7 @@ import torch
 
 from pips.config import load_config, migrate
 from pips.tasks import get_task
-from pips.training.checkpoints import load_weights
+from pips.tasks.checkpoints import load_weights
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -140,7 +140,7 @@ def test_the_private_lightning_counter_the_run_guard_adjusts_still_exists():
 
 def test_export_round_trips_every_tensor_and_extra_state(tmp_path):
     """A VQ model's extra state (its generator's state tensor inside a dict) survives export."""
-    from pips.training.export import export_model, read_exported
+    from pips.tasks.export import export_model, read_exported
 
     config = load_config(str(REPO / "configs" / "tiny.yaml"), ["model.quantizer.kind=vq"])
     task = get_task(config)

@@ -13,8 +13,8 @@ from pips.evaluation.codes import CodesError, load_codes, save_codes
 from pips.tasks import TaskError, get_task
 from pips.tasks.grids import DataSpecError
 from pips.tasks.probe import fit_probe
-from pips.training.checkpoints import load_model, read_checkpoint
-from pips.training.export import export_model
+from pips.tasks.checkpoints import load_model, read_checkpoint
+from pips.tasks.export import export_model
 
 __all__ = [
     "DataSpecError",

@@ -18,7 +18,7 @@ import torch
 from pips.evaluation.runs import format_seconds, is_run_dir, run_row
 from pips.plots import html_image, plot_curves, read_metrics
 from pips.tasks import get_task
-from pips.training.checkpoints import (
+from pips.tasks.checkpoints import (
     CheckpointError,
     find_checkpoint,
     load_model,

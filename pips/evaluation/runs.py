@@ -13,7 +13,7 @@ import yaml
 
 from pips.plots import read_metrics
 from pips.tasks import TASKS
-from pips.training.checkpoints import read_json_record
+from pips.tasks.checkpoints import read_json_record
 
 
 def _process_alive(pid: int) -> bool:

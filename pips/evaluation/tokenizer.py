@@ -17,7 +17,7 @@ import torch
 
 from pips.config import Config
 from pips.tasks import Task, get_task
-from pips.training.checkpoints import load_model
+from pips.tasks.checkpoints import load_model
 
 
 class Tokenizer:

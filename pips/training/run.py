@@ -37,12 +37,12 @@ from pips.training.callbacks import (
     TermCurves,
     TrainingProgress,
 )
-from pips.training.checkpoint_io import (
+from pips.tasks.checkpoint_io import (
     AtomicCheckpointIO,
     remove_stale_temporaries,
     safe_torch_load,
 )
-from pips.training.checkpoints import (
+from pips.tasks.checkpoints import (
     CheckpointError,
     check_checkpoint_fits,
     find_checkpoint,

@@ -14,9 +14,9 @@ from typing import NamedTuple
 import torch
 
 from pips.config import Config, ConfigError, check_config, from_dict, migrate
-from pips.tasks import TaskError, get_task
-from pips.training.checkpoint_io import UnreadableCheckpoint, UnsafeCheckpoint, safe_torch_load
-from pips.training.export import read_exported
+from pips.tasks.base import TaskError, get_task
+from pips.tasks.checkpoint_io import UnreadableCheckpoint, UnsafeCheckpoint, safe_torch_load
+from pips.tasks.export import read_exported
 
 
 class CheckpointError(RuntimeError):
