@@ -85,8 +85,8 @@ def train(
 
     Fine-tune: pips train --from runs/quick model.quantizer.temperature=0.5 name=quick-cold
     """
-    from pips.training.callbacks import NonFiniteLoss
     from pips.tasks.checkpoints import CheckpointError
+    from pips.training.callbacks import NonFiniteLoss
     from pips.training.run import RunError
     from pips.training.run import train as run_train
 
@@ -245,6 +245,84 @@ def generate(
         _fail(str(error))
     for piece, decoded in result["pieces"]:
         typer.echo(f"text:    {piece!r}\ndecoded: {decoded!r}")
+
+
+@app.command()
+def sample(
+    run: Path = RUN_OR_CHECKPOINT,
+    n: int = typer.Option(64, "-n", help="how many items to draw", min=1),
+    out: Path = typer.Option(..., "--out", help="the folder to write the samples into"),
+    temperature: float = typer.Option(1.0, "--temperature", help="divides the logits", min=0),
+    top_k: int = typer.Option(None, "--top-k", help="keep the k most likely tokens", min=1),
+    top_p: float = typer.Option(None, "--top-p", help="nucleus sampling mass", min=0, max=1),
+    seed: int = typer.Option(0, "--seed", help="seeds the sampling"),
+    last: bool = LAST_OPTION,
+) -> None:
+    """Prior runs: draw code strings, decode them with the tokenizer and write them (ARC: task
+    JSON and a PNG sheet), with the share well-formed, the share copied from training and the
+    distance of their size and colour histograms to the validation items'.
+
+    Example: pips sample runs/arc_prior -n 64 --temperature 0.9 --out samples/
+    """
+    from pips.evaluation.commands import sample_run
+
+    try:
+        result = sample_run(
+            run, n, out, temperature, top_k, top_p, seed, "last" if last else "best"
+        )
+    except _checkpoint_errors() as error:
+        _fail(str(error))
+    typer.echo(f"{result['samples']} {result['unit']} sampled into {', '.join(result['files'])}")
+    for key in ("well_formed", "identical_to_training", "size_tv", "colour_tv"):
+        if key in result:
+            typer.echo(f"  {key}: {result[key]:.3f}")
+
+
+@app.command()
+def compress(
+    run: Path = RUN_OR_CHECKPOINT,
+    items: Path = typer.Argument(..., help="the items to compress: an ARC task JSON file"),
+    out: Path = typer.Option(..., "--out", help="the file to write"),
+    last: bool = LAST_OPTION,
+) -> None:
+    """Prior runs: an ARC task file as one lossless bit string (range coding under the prior,
+    then the tokenizer's decoder); prints its length beside the model's codelength.
+
+    Example: pips compress runs/arc_prior task.json --out task.pips
+    """
+    from pips.evaluation.commands import compress_file
+
+    try:
+        result = compress_file(run, items, out, "last" if last else "best")
+    except _checkpoint_errors() as error:
+        _fail(str(error))
+    count = result["items"]
+    typer.echo(
+        f"{count} {result['unit']} into {result['out']}: {result['payload_bits']} bits of payload "
+        f"({result['payload_bits'] / count:.1f} per item; the model's codelength "
+        f"{result['codelength_bits'] / count:.1f} = prior {result['prior_bits'] / count:.1f} + "
+        f"decoder {result['decoder_bits'] / count:.1f}) and a {result['header_bytes']}-byte header"
+    )
+
+
+@app.command()
+def decompress(
+    run: Path = RUN_OR_CHECKPOINT,
+    stream: Path = typer.Argument(..., help="a file written by pips compress with this run"),
+    out: Path = typer.Option(..., "--out", help="the ARC task JSON to write"),
+    last: bool = LAST_OPTION,
+) -> None:
+    """Prior runs: a pips compress file back to its items, exactly.
+
+    Example: pips decompress runs/arc_prior task.pips --out task.json
+    """
+    from pips.evaluation.commands import decompress_file
+
+    try:
+        result = decompress_file(run, stream, out, "last" if last else "best")
+    except _checkpoint_errors() as error:
+        _fail(str(error))
+    typer.echo(f"decompressed {result['written']}")
 
 
 @app.command()

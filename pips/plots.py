@@ -71,6 +71,21 @@ def save_reconstructions(
     _save(figure, path)
 
 
+def save_grid_sheet(grids: list[np.ndarray], path: str | Path, title: str = "", columns=8) -> None:
+    """Grids in a sheet of ``columns`` per row, in the ARC palette, each titled with its size."""
+    rows = max(-(-len(grids) // columns), 1)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.3 * rows + 0.4))
+    for index, axis in enumerate(np.asarray(axes).reshape(-1)):
+        if index < len(grids):
+            grid = np.asarray(grids[index])
+            _show(axis, grid, f"{grid.shape[0]}x{grid.shape[1]}")
+        else:
+            axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=8)
+    _save(figure, path)
+
+
 def _save(figure, path) -> None:
     """Save to a file path (creating its folder) or a binary file object, then close."""
     figure.tight_layout()

@@ -14,16 +14,19 @@ from pips.quantizers.fsq import FSQ
 torch.set_num_threads(1)
 
 
-def _spatial_prior(seed: int = 0) -> CodePrior:
+def _spatial_prior(seed: int = 0, coordinates: bool = True) -> CodePrior:
     torch.manual_seed(seed)
     layout = SpatialLayout(max_rows=3, max_cols=3, split=IndexSplit([(8, 1), (8, 8)], limit=8))
-    return CodePrior(layout, width=32, depth=2, heads=2, condition_vocab=2).eval()
+    prior = CodePrior(
+        layout, width=32, depth=2, heads=2, condition_vocab=2, coordinates=coordinates
+    )
+    return prior.eval()
 
 
-def _pooled_prior(seed: int = 0) -> CodePrior:
+def _pooled_prior(seed: int = 0, coordinates: bool = True) -> CodePrior:
     torch.manual_seed(seed)
     layout = PooledLayout(num_slots=6, split=IndexSplit([(16, 1)]), levels=2)
-    return CodePrior(layout, width=32, depth=2, heads=2).eval()
+    return CodePrior(layout, width=32, depth=2, heads=2, coordinates=coordinates).eval()
 
 
 def _stepped_logits(prior, tokens, cache, condition=None, guidance=None) -> torch.Tensor:
@@ -49,10 +52,14 @@ def _full_logits(prior, tokens, condition=None, guidance=None) -> torch.Tensor:
 PATHS = {"unconditional": None, "conditional": None, "guided": 1.5}  # path -> guidance
 
 
+@pytest.mark.parametrize("coordinates", [True, False], ids=["coordinates", "no-coordinates"])
 @pytest.mark.parametrize("make_prior", [_spatial_prior, _pooled_prior], ids=["spatial", "pooled"])
 @pytest.mark.parametrize("path", PATHS, ids=list(PATHS))
-def test_cached_logits_equal_full_forward_logits_at_every_step(make_prior, path):
-    prior = make_prior()
+def test_cached_logits_equal_full_forward_logits_at_every_step(make_prior, path, coordinates):
+    """Sampled, cached, uncached and teacher-forced logits agree (with coordinates: every path
+    adds the same coordinate embeddings, a condition prefix shifting none of them)."""
+    prior = make_prior(coordinates=coordinates)
+    assert prior.coordinates == coordinates and prior.args["coordinates"] == coordinates
     options = {}
     if path != "unconditional":  # tokens, BOS as a separator, and a condition-only id if any
         extra = prior.embed.num_embeddings - 1
@@ -69,6 +76,71 @@ def test_cached_logits_equal_full_forward_logits_at_every_step(make_prior, path)
     ):
         assert torch.equal(torch.isfinite(logits), finite)  # the same fields masked
         torch.testing.assert_close(logits[finite], full[finite], atol=1e-5, rtol=0)
+
+
+def test_spatial_coordinates_of_hand_made_items_equal_the_table():
+    """A 2 x 3 and a 3 x 1 code map, 2 parts a position: (row + 1, col + 1, part + 1) of each
+    code token, 0 for the size tokens, the end and the padding; the width is read per row."""
+    layout = _spatial_prior().layout
+    assert layout.per_position == 2 and layout.coordinate_sizes == (4, 4, 3)
+    tokens = layout.batch([np.arange(6).reshape(2, 3), np.arange(3).reshape(3, 1)])  # [2, 15]
+    size = [(0, 0, 0)] * 2
+    wide = [(r, c, p) for r in (1, 2) for c in (1, 2, 3) for p in (1, 2)]
+    tall = [(r, 1, p) for r in (1, 2, 3) for p in (1, 2)]
+    table = torch.tensor(
+        [size + wide + [(0, 0, 0)], size + tall + [(0, 0, 0)] * 7]  # end, then padding
+    )
+    positions = torch.arange(tokens.shape[1])
+    assert torch.equal(layout.coordinates(tokens, positions), table)
+    # positions from 2 on need only the two size tokens; before them nothing
+    assert torch.equal(layout.coordinates(tokens[:, :2], positions), table)
+    assert torch.equal(layout.coordinates(tokens[:, :1], positions[:2]), table[:, :2])
+    assert torch.equal(layout.coordinates(tokens[:, :0], positions[1:2]), table[:, 1:2])
+    with pytest.raises(ValueError, match="size tokens"):
+        layout.coordinates(tokens[:, :1], positions[:3])
+
+
+def test_pooled_coordinates_are_slot_and_part():
+    layout = _pooled_prior().layout  # 6 slots of 2 levels, one part each
+    assert layout.coordinate_sizes == (7, 1, 3)
+    tokens = torch.zeros(2, 12, dtype=torch.long)
+    coords = layout.coordinates(tokens, torch.arange(14))  # two positions past the end
+    table = [(s, 0, p) for s in range(1, 7) for p in (1, 2)] + [(0, 0, 0)] * 2
+    assert torch.equal(coords, torch.tensor([table, table]))
+
+
+def test_coordinates_leak_nothing_from_the_predicted_token():
+    """The logits at positions <= t do not change when token t (or any later one) does, the size
+    tokens included: an input's coordinates are its target's, read from tokens before it."""
+    prior = _spatial_prior()
+    layout = prior.layout
+    tokens = layout.batch([np.arange(6).reshape(2, 3)])
+    with torch.no_grad():
+        base = prior.logits(tokens)
+        for t in range(tokens.shape[1] - 1):
+            changed = tokens.clone()
+            low, high = layout.allowed(changed, torch.tensor([t]))
+            changed[0, t] = low[0, 0] + (changed[0, t] - low[0, 0] + 1) % (high - low)[0, 0]
+            if t < 2:  # a different size: later fields move, what comes before must not
+                changed = changed[:, : t + 1]
+            logits = prior.logits(changed)
+            torch.testing.assert_close(logits[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0)
+
+
+def test_coordinates_change_the_logits_and_are_recorded_in_the_args():
+    prior = _spatial_prior()
+    tokens = prior.layout.batch([np.arange(6).reshape(2, 3)])
+    with torch.no_grad():
+        with_coordinates = prior.logits(tokens)
+        prior.coordinate_embed[0].weight.zero_()  # rows: the first row's tokens see a change
+        without_rows = prior.logits(tokens)
+    finite = torch.isfinite(with_coordinates)
+    assert not torch.allclose(with_coordinates[finite], without_rows[finite])
+    rebuilt = CodePrior(prior.layout, **prior.args)
+    assert rebuilt.state_dict().keys() == prior.state_dict().keys()
+    assert not any(
+        "coordinate" in key for key in CodePrior(prior.layout, coordinates=False).state_dict()
+    )
 
 
 def test_sampling_with_a_fixed_seed_is_reproducible():

@@ -269,3 +269,24 @@ def load_grids(
         chosen = np.random.default_rng(0).permutation(len(records))[:max_samples]
         records = [records[i] for i in np.sort(chosen)]
     return records
+
+
+def read_task_file(path: str | Path) -> list[GridRecord]:
+    """Every grid of one ARC task file, validated, in the canonical order: a file holding one
+    task (``{"train": [...], "test": [...]}``, named by the file's stem) or an object of tasks
+    by id (what `pips decode` and `pips decompress` write)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as error:
+        raise GridError(f"{path} cannot be read as ARC task JSON ({error})") from None
+    if isinstance(data, dict) and isinstance(data.get("train"), list):
+        tasks = [(path.stem, data)]
+    elif isinstance(data, dict) and data:
+        tasks = list(data.items())
+    else:
+        raise GridError(
+            f"{path}: expected an ARC task (an object with a 'train' list of pairs) or an object "
+            f"of tasks by id, got {_short(data)}"
+        )
+    return [record for task_id, task in tasks for record in _task_records(task, task_id, str(path))]

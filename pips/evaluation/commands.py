@@ -11,12 +11,14 @@ from pathlib import Path
 
 from pips.evaluation.codes import CodesError, load_codes, save_codes
 from pips.tasks import TaskError, get_task
-from pips.tasks.grids import DataSpecError
-from pips.tasks.probe import fit_probe
 from pips.tasks.checkpoints import load_model, read_checkpoint
 from pips.tasks.export import export_model
+from pips.tasks.grids import DataSpecError
+from pips.tasks.probe import fit_probe
 
 __all__ = [
+    "compress_file",
+    "decompress_file",
     "DataSpecError",
     "decode_to_file",
     "encode_to_file",
@@ -24,6 +26,7 @@ __all__ = [
     "export_run",
     "generate_text",
     "probe_run",
+    "sample_run",
 ]
 
 
@@ -100,6 +103,49 @@ def generate_text(
     task = get_task(loaded.config)
     pairs = task.generate(loaded.model, text, temperature, top_p, seed)
     return {"checkpoint": str(loaded.checkpoint), "pieces": pairs}
+
+
+def sample_run(
+    path: str | Path,
+    count: int,
+    out: str | Path,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    which: str = "best",
+) -> dict:
+    """A prior run: ``count`` code strings drawn, decoded and written into ``out``, with what
+    they are like (well-formed, copies of training items, histogram distances)."""
+    loaded = load_model(path, which)
+    task = get_task(loaded.config)
+    try:
+        result = task.sample(
+            loaded.model,
+            count,
+            Path(out),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
+    except ValueError as error:  # the sampling filter's bad values
+        raise TaskError(str(error)) from None
+    return {"checkpoint": str(loaded.checkpoint), **result}
+
+
+def compress_file(path: str | Path, items: str | Path, out: str | Path, which="best") -> dict:
+    """A prior run: the items of ``items`` (an ARC task file) into one range-coded file."""
+    loaded = load_model(path, which)
+    result = get_task(loaded.config).compress(loaded.model, Path(items), Path(out))
+    return {"checkpoint": str(loaded.checkpoint), **result}
+
+
+def decompress_file(path: str | Path, stream: str | Path, out: str | Path, which="best") -> dict:
+    """A file of :func:`compress_file` back to its items (ARC task JSON), exactly."""
+    loaded = load_model(path, which)
+    result = get_task(loaded.config).decompress(loaded.model, Path(stream), Path(out))
+    return {"checkpoint": str(loaded.checkpoint), **result}
 
 
 def probe_run(

@@ -18,6 +18,10 @@ its own sub-range. Given the tokens before it, exactly one field is allowed at e
 (:meth:`CodeLayout.allowed`), so a prior masks the rest: under uniform logits its code length is
 exactly the code string's capacity (:meth:`CodeLayout.capacity_bits`), and forced tokens (the end
 token, the padding after it) cost nothing.
+
+Each code token also has 2D coordinates (:meth:`CodeLayout.coordinates`), ``(row + 1, col + 1,
+part + 1)``, 0 for the tokens that are not codes, so a prior can tell where in a variable-width
+code map a token sits without counting positions. They depend only on the size tokens.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class IndexSplit:
     """
 
     def __init__(self, factors: list[tuple[int, int]], limit: int = MAX_PART_VALUES):
+        self.limit = int(limit)
         factors = _refine([(int(r), int(w)) for r, w in factors], limit)
         self.radices = np.array([r for r, _ in factors], dtype=np.int64)  # [F]
         self.weights = np.array([w for _, w in factors], dtype=np.int64)  # [F]
@@ -129,6 +134,16 @@ class CodeLayout:
         least those the rule reads): ``low, high`` [B, T], allowed ``low <= id < high``."""
         raise NotImplementedError
 
+    coordinate_sizes: tuple[int, int, int]
+    """How many values each coordinate of :meth:`coordinates` takes (0 included)."""
+
+    def coordinates(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``(row + 1, col + 1, part + 1)`` of the code token at each of ``positions`` [T] of the
+        items that the rows of ``tokens`` [B, P] begin (at least the tokens the rule reads), 0
+        for the positions that hold no code -> [B, T, 3] long. ``part`` is the token's index
+        among its position's (slot's) ``levels * G`` tokens."""
+        raise NotImplementedError
+
     def lengths(self, tokens: torch.Tensor) -> torch.Tensor:
         """Real tokens (through the end token) of the items that each row of ``tokens`` [B, P]
         begins, as far as the row tells -> [B]."""
@@ -162,14 +177,19 @@ class CodeLayout:
 
 class PooledLayout(CodeLayout):
     """``num_slots`` slots of ``levels`` indices each, every index as ``split.num_parts`` parts:
-    fixed length ``num_slots * levels * G``; part ``g`` has ids ``offset_g + value``."""
+    fixed length ``num_slots * levels * G``; part ``g`` has ids ``offset_g + value``.
+
+    Coordinates: ``(slot + 1, 0, part + 1)``, ``part < levels * G`` (a slot is a row of its own;
+    there is no column, so that coordinate is always 0), 0 past ``max_length``."""
 
     def __init__(self, num_slots: int, split: IndexSplit, levels: int = 1):
         self.num_slots, self.levels, self.split = num_slots, levels, split
         sizes = split.part_sizes
         self.offsets = np.cumsum([0] + sizes[:-1]).tolist()
         self.vocab_size = int(sum(sizes))
-        self.max_length = num_slots * levels * split.num_parts
+        self.per_position = levels * split.num_parts
+        self.max_length = num_slots * self.per_position
+        self.coordinate_sizes = (num_slots + 1, 1, self.per_position + 1)
         low = torch.tensor(self.offsets * (num_slots * levels))
         self._low, self._high = low, low + torch.tensor(sizes * (num_slots * levels))
 
@@ -189,6 +209,14 @@ class PooledLayout(CodeLayout):
         low = self._low[positions].to(prefix.device).expand(shape)
         return low, self._high[positions].to(prefix.device).expand(shape)
 
+    def coordinates(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        positions = positions.to(tokens.device).long()  # [T]
+        real = (positions >= 0) & (positions < self.max_length)
+        slot = positions.div(self.per_position, rounding_mode="floor") + 1
+        part = positions % self.per_position + 1
+        coords = torch.stack([slot, torch.zeros_like(slot), part], -1) * real[:, None]  # [T, 3]
+        return coords.expand(tokens.shape[0], -1, -1)
+
     def lengths(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.full((tokens.shape[0],), self.max_length, device=tokens.device)
 
@@ -196,7 +224,11 @@ class PooledLayout(CodeLayout):
 class SpatialLayout(CodeLayout):
     """A code map of at most ``max_rows x max_cols`` positions: ids ``[0, max_rows)`` the height
     minus one, then ``max_cols`` ids for the width minus one, then the parts' ranges, then the
-    end id (also the padding)."""
+    end id (also the padding).
+
+    Coordinates: ``(row + 1, col + 1, part + 1)`` of a code token, from its raster index and the
+    width (token 1); ``part < levels * G`` is its index among its position's tokens. The size
+    tokens, the end token and the padding get 0."""
 
     def __init__(self, max_rows: int, max_cols: int, split: IndexSplit, levels: int = 1):
         self.max_rows, self.max_cols, self.levels, self.split = max_rows, max_cols, levels, split
@@ -207,6 +239,7 @@ class SpatialLayout(CodeLayout):
         self.vocab_size = self.end_id + 1
         self.per_position = levels * split.num_parts
         self.max_length = 3 + max_rows * max_cols * self.per_position
+        self.coordinate_sizes = (max_rows + 1, max_cols + 1, self.per_position + 1)
         self._part_low = torch.tensor(self.offsets)
         self._part_high = self._part_low + torch.tensor(sizes)
 
@@ -259,6 +292,62 @@ class SpatialLayout(CodeLayout):
         )
         return low.expand(prefix.shape[0], -1), high.expand(prefix.shape[0], -1)
 
+    def coordinates(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        device = tokens.device
+        positions = positions.to(device).long()[None]  # [1, T]
+        if tokens.shape[1] < 2:
+            if positions.numel() and int(positions.max()) >= 2:
+                raise ValueError("the coordinates after the size need the two size tokens")
+            return torch.zeros(
+                tokens.shape[0], positions.shape[1], 3, dtype=torch.long, device=device
+            )
+        count = self._code_tokens(tokens)[:, None]  # [B, 1]
+        cols = (tokens[:, 1:2] - self.max_rows + 1).clamp(1, self.max_cols)  # [B, 1]
+        index = (positions - 2).clamp_min(0)  # raster index of the token among the code tokens
+        cell = index.div(self.per_position, rounding_mode="floor")  # [1, T]
+        row, col = cell.div(cols, rounding_mode="floor"), cell % cols  # [B, T]
+        part = (index % self.per_position).expand_as(row)
+        is_code = (positions >= 2) & (positions < 2 + count)  # [B, T]
+        return torch.stack([row + 1, col + 1, part + 1], -1) * is_code[..., None]
+
     def lengths(self, tokens: torch.Tensor) -> torch.Tensor:
         """Through the end token (a prefix without both size tokens: 3, the least)."""
         return 3 + self._code_tokens(tokens)
+
+
+def layout_spec(layout: CodeLayout) -> dict:
+    """A layout as plain values (saved in a prior's checkpoint), rebuilt by :func:`layout_from_spec`."""
+    split = layout.split
+    factors = [[int(r), int(w)] for r, w in zip(split.radices, split.weights, strict=True)]
+    if isinstance(layout, SpatialLayout):
+        return {
+            "kind": "spatial",
+            "max_rows": layout.max_rows,
+            "max_cols": layout.max_cols,
+            "levels": layout.levels,
+            "factors": factors,
+            "part_values": layout.split.limit,
+        }
+    return {
+        "kind": "pooled",
+        "num_slots": layout.num_slots,
+        "levels": layout.levels,
+        "factors": factors,
+        "part_values": layout.split.limit,
+    }
+
+
+def layout_from_spec(spec: dict) -> CodeLayout:
+    """The layout :func:`layout_spec` describes; a ValueError names a damaged description."""
+    try:
+        limit = int(spec.get("part_values", MAX_PART_VALUES))
+        split = IndexSplit([tuple(pair) for pair in spec["factors"]], limit)
+        if spec["kind"] == "spatial":
+            return SpatialLayout(
+                int(spec["max_rows"]), int(spec["max_cols"]), split, spec["levels"]
+            )
+        if spec["kind"] == "pooled":
+            return PooledLayout(int(spec["num_slots"]), split, int(spec["levels"]))
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"a code layout description lacks or mistypes {error}") from None
+    raise ValueError(f"unknown code layout kind {spec.get('kind')!r}; expected spatial or pooled")

@@ -49,6 +49,16 @@ class Encoded(NamedTuple):
     latent_padding: torch.Tensor  # [B, N] True where the latent covers no grid cell
 
 
+class GridCoding(NamedTuple):
+    """One grid's decoder distributions for a range coder (:meth:`GridDVAE.decoder_distribution`),
+    float64 natural-log probabilities."""
+
+    height: np.ndarray | None  # [30] size head, class h-1 = height h; None with size_from=cells
+    width: np.ndarray | None  # [30]
+    cells: np.ndarray | None  # [H, W, V] on the canvas; None until the size is known (heads)
+    charged: np.ndarray | None  # [H, W] bool: the cells coded, row-major
+
+
 class GridDVAEOutput(NamedTuple):
     cell_logits: torch.Tensor  # [B, L, V] over the batch's canvas
     height_logits: torch.Tensor  # [B, MAX_GRID_SIZE], class h-1 = height h
@@ -344,14 +354,18 @@ class GridDVAE(nn.Module):
             return colours, head_sizes
         batch = colours.shape[0]
         tokens = output.cell_logits.argmax(-1).view(batch, -1, canvas_width)  # [B, H, W]
-        covered = output.covered.view(batch, -1, canvas_width)
+        return colours, self.sizes_from_tokens(tokens, output.covered.view(batch, -1, canvas_width))
+
+    def sizes_from_tokens(self, tokens: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+        """The ``size_from=cells`` rule: canvas tokens [B, H, W] (``covered`` [B, H, W] True at
+        cells the grid's own codes decode) -> sizes [B, 2]: the leading rows whose first cell is
+        not PAD, and the cells of row 0 before its first EOS (the first PAD without EOS)."""
         inside = (tokens != self.vocab.pad_id) & covered  # [B, H, W]
         height = inside[:, :, 0].long().cumprod(dim=1).sum(dim=1)  # leading non-PAD rows
         end = self.vocab.eos_id if self.eos else self.vocab.pad_id
         row_open = ((tokens[:, 0] != end) & inside[:, 0]).long().cumprod(dim=1)  # [B, W]
         width = row_open.sum(dim=1)
-        sizes = torch.stack([height, width], dim=-1).clamp(1, MAX_GRID_SIZE)
-        return colours, sizes
+        return torch.stack([height, width], dim=-1).clamp(1, MAX_GRID_SIZE)
 
     def forward(self, batch: Batch, **schedule_values: float) -> GridDVAEOutput:
         encoded = self.encode(batch, **schedule_values)
@@ -463,15 +477,23 @@ class GridDVAE(nn.Module):
         return out
 
     def _decode_pooled(self, chunk: list, device) -> list:
+        return self._decode_slots(*self._slot_inputs(chunk, device))
+
+    def _slot_inputs(self, chunk: list, device):
+        """Pooled layout: code arrays ``[N, S]`` -> quantized [B, N, D], positions, padding."""
         indices = _squeeze(torch.as_tensor(np.stack(chunk), device=device).long())  # [B, N(, S)]
         quantized = self.quantizer.codes_to_quantized(indices)  # [B, N, D]
         batch, slots = quantized.shape[:2]
         positions = torch.zeros(batch, slots, 2, dtype=torch.long, device=device)
         padding = torch.zeros(batch, slots, dtype=torch.bool, device=device)
-        return self._decode_slots(quantized, positions, padding)
+        return quantized, positions, padding
 
     def _decode_board(self, chunk: list, device) -> list:
-        """Spatial layout: the patch codes on one board (top-left aligned), padding elsewhere."""
+        return self._decode_patches(*self._board(chunk, device))
+
+    def _board(self, chunk: list, device):
+        """Spatial layout: the patch codes ``[rows, cols, S]`` on one board (top-left aligned),
+        padding elsewhere -> quantized [B, rows * cols, D], padding [B, rows * cols], rows, cols."""
         rows = max(a.shape[0] for a in chunk)
         cols = max(a.shape[1] for a in chunk)
         levels = chunk[0].shape[-1]
@@ -482,41 +504,255 @@ class GridDVAE(nn.Module):
             padding[b, : array.shape[0], : array.shape[1]] = False
         indices = _squeeze(board.view(len(chunk), rows * cols, levels).to(device))
         quantized = self.quantizer.codes_to_quantized(indices)  # [B, rows * cols, D]
-        return self._decode_patches(quantized, padding.view(len(chunk), -1).to(device), rows, cols)
+        return quantized, padding.view(len(chunk), -1).to(device), rows, cols
+
+    def _patch_logits(self, quantized, padding, rows: int, cols: int):
+        """Spatial layout: cell logits [B, (rows * p) * (cols * p), V] on the board's canvas,
+        height and width logits, and the cell padding [B, L] (True outside a grid's patches)."""
+        batch, p = quantized.shape[0], self.output_patch
+        positions = grid_positions(rows, cols, quantized.device).expand(batch, -1, -1)
+        cell_padding = padding.view(batch, rows, 1, cols, 1).expand(-1, -1, p, -1, p)
+        cell_padding = cell_padding.reshape(batch, -1)
+        cell_logits, height_logits, width_logits = self.decode(
+            quantized, positions, padding, rows * p, cols * p, cell_padding
+        )
+        return cell_logits, height_logits, width_logits, cell_padding
 
     def _decode_patches(self, quantized, padding, rows: int, cols: int) -> list:
         """Spatial layout: decode each grid's patch codes ``[B, rows * cols, D]`` (``padding``
         True outside a grid), read its size by the model's rule, and crop. Cells of the predicted
         size that no patch of the grid covers are 0."""
         batch, p = quantized.shape[0], self.output_patch
-        positions = grid_positions(rows, cols, quantized.device).expand(batch, -1, -1)
-        cell_padding = padding.view(batch, rows, 1, cols, 1).expand(-1, -1, p, -1, p)
-        cell_padding = cell_padding.reshape(batch, -1)
         canvas_height, canvas_width = rows * p, cols * p
-        cell_logits, height_logits, width_logits = self.decode(
-            quantized, positions, padding, canvas_height, canvas_width, cell_padding
+        cell_logits, height_logits, width_logits, cell_padding = self._patch_logits(
+            quantized, padding, rows, cols
         )
         output = GridDVAEOutput(cell_logits, height_logits, width_logits, None, ~cell_padding)
         colours, sizes = self.predict(output, canvas_width)
         colours = colours.masked_fill(cell_padding, 0)
         return crop_grids(colours.view(batch, canvas_height, canvas_width), sizes)
 
+    def _slot_logits(self, quantized, positions, padding, sizes: torch.Tensor):
+        """Pooled layout: decode on the canvas of grids of ``sizes`` [B, 2] (the largest height x
+        the largest width + EOS) -> cell logits [B, L, V], height and width logits, the canvas's
+        height and width, and ``inside`` [B, L] (True at each grid's cells and EOS column)."""
+        batch, eos = sizes.shape[0], int(self.eos)
+        canvas_height, canvas_width = int(sizes[:, 0].max()), int(sizes[:, 1].max()) + eos
+        rows = torch.arange(canvas_height, device=sizes.device).view(1, -1, 1)
+        cols = torch.arange(canvas_width, device=sizes.device).view(1, 1, -1)
+        inside = (rows < sizes[:, 0, None, None]) & (cols < sizes[:, 1, None, None] + eos)
+        inside = inside.view(batch, -1)
+        cell_logits, height_logits, width_logits = self.decode(
+            quantized, positions, padding, canvas_height, canvas_width, ~inside
+        )
+        return cell_logits, height_logits, width_logits, canvas_height, canvas_width, inside
+
     def _decode_slots(self, quantized, positions, padding) -> list:
         """Pooled layout: the size heads read each grid's size off its codes; decode on a
         canvas of those sizes, then crop each grid."""
         height_logits, width_logits = self.predict_shape(self.code_projection(quantized), padding)
         sizes = torch.stack([height_logits.argmax(-1), width_logits.argmax(-1)], dim=-1) + 1
-        batch = sizes.shape[0]
-        eos = int(self.eos)
-        canvas_height, canvas_width = int(sizes[:, 0].max()), int(sizes[:, 1].max()) + eos
-        rows = torch.arange(canvas_height, device=sizes.device).view(1, -1, 1)
-        cols = torch.arange(canvas_width, device=sizes.device).view(1, 1, -1)
-        inside = (rows < sizes[:, 0, None, None]) & (cols < sizes[:, 1, None, None] + eos)
-        cell_logits, _, _ = self.decode(
-            quantized, positions, padding, canvas_height, canvas_width, ~inside.view(batch, -1)
+        cell_logits, _, _, canvas_height, canvas_width, _ = self._slot_logits(
+            quantized, positions, padding, sizes
         )
         colours = cell_logits[..., : self.vocab.num_colours].argmax(-1)
-        return crop_grids(colours.view(batch, canvas_height, canvas_width), sizes)
+        return crop_grids(colours.view(sizes.shape[0], canvas_height, canvas_width), sizes)
+
+    # ------------------------------------------------------------------------- code lengths
+    @torch.no_grad()
+    def decoder_bits(
+        self, grids: list[np.ndarray], codes: list[np.ndarray], batch_size: int = 128
+    ) -> np.ndarray:
+        """Per grid, ``-log2 p(grid | codes)`` in bits (float64 [N]): the decoder part of a
+        two-part lossless code, under the decoder's own output distributions (softmax over all
+        ``V`` tokens for a cell, over the 30 sizes for a size head) given the codes ``codes``
+        (shapes as :meth:`encode_grids` returns them). Eval mode, no grad, float64 log-softmax.
+
+        Every charged symbol is one a receiver holding only the codes can decode in turn with
+        these same probabilities, so this is the length of a real code (up to the coder's few
+        bits of overhead). The *true canvas* of a grid is its training target
+        (:func:`~pips.data.batch.collate_grids`): its colours top-left, an EOS token closing
+        each of its rows when ``self.eos``, PAD everywhere else. What is charged:
+
+        - spatial layout, ``model.size_from=cells``: every cell of the ``rows * p x cols * p``
+          canvas that :meth:`decode_codes` decodes a ``[rows, cols]`` code map on (``p`` =
+          ``self.output_patch``), at its true-canvas token, PAD and EOS cells included; no size
+          head. The model's size rule (:meth:`predict`) reads the true size back off the true
+          canvas tokens (the rows whose first cell is not PAD; the first EOS, or PAD without
+          EOS, in row 0), so the grid is recovered exactly.
+        - spatial layout, size heads: ``-log2 p(height)`` and ``-log2 p(width)`` under the
+          height and width heads, then only the ``height x (width + eos)`` cells of the grid's
+          own rectangle and its EOS column (when ``self.eos``) on that same canvas.
+        - pooled layout: the two size heads' ``-log2 p(height) - log2 p(width)``, then the cells
+          of the ``height x (width + eos)`` canvas that :meth:`_decode_slots` decodes on, with
+          the true size in place of the argmax size, EOS column included when ``self.eos``.
+
+        A grid that its code map cannot hold (spatial: ``height > rows * p`` or
+        ``width + eos > cols * p``) has no such code and raises a ValueError.
+        """
+        if len(grids) != len(codes):
+            raise ValueError(f"{len(grids)} grids but {len(codes)} code arrays")
+        was_training = self.training
+        self.eval()
+        try:
+            return self._decoder_bits(grids, codes, batch_size)
+        finally:
+            self.train(was_training)
+
+    def _decoder_bits(self, grids: list, codes: list, batch_size: int) -> np.ndarray:
+        arrays = [self.check_codes(c, f"grid {i}") for i, c in enumerate(codes)]
+        grids = [self._check_grid(g, f"grid {i}") for i, g in enumerate(grids)]
+        if self.spatial:
+            for i, (grid, array) in enumerate(zip(grids, arrays, strict=True)):
+                self._check_fit(grid.shape, array, f"grid {i}")
+            keys = [(*a.shape[:2], *g.shape) for a, g in zip(arrays, grids, strict=True)]
+        else:
+            keys = [g.shape for g in grids]
+        device = next(self.parameters()).device
+        bits = np.zeros(len(grids), dtype=np.float64)
+        for chosen in _similar_sizes(keys, batch_size):
+            chunk = [grids[i] for i in chosen]
+            sizes = torch.tensor([g.shape for g in chunk], dtype=torch.long, device=device)
+            log_probs, height_logits, width_logits, charged = self._charged_log_probs(
+                [arrays[i] for i in chosen], sizes, device
+            )
+            # the training targets on this canvas: colours, EOS closing each row, PAD elsewhere
+            targets = self.true_canvas(chunk, log_probs.shape[1:3]).view(len(chosen), -1)
+            log_probs = log_probs.flatten(1, 2).gather(-1, targets.to(device).unsqueeze(-1))
+            log_probs = log_probs.squeeze(-1)  # [B, L]
+            charged = charged.flatten(1)
+            nats = -torch.where(charged, log_probs, torch.zeros_like(log_probs)).sum(dim=1)
+            if not self.sizes_from_cells:
+                for axis, logits in enumerate((height_logits, width_logits)):
+                    head = F.log_softmax(logits.double(), dim=-1)
+                    nats = nats - head.gather(1, sizes[:, axis : axis + 1] - 1).squeeze(1)
+            bits[chosen] = (nats / math.log(2.0)).cpu().numpy()
+        return bits
+
+    def _charged_log_probs(self, arrays: list, sizes: torch.Tensor | None, device):
+        """Code arrays (checked) of one batch and the grids' sizes [B, 2] (unused, may be None,
+        with ``size_from=cells``) -> the decoder's float64 cell log-probabilities [B, H, W, V] on
+        the batch's canvas, its height and width logits [B, 30], and ``charged`` [B, H, W]: the
+        cells the decoder part codes (see :meth:`decoder_bits`)."""
+        eos = int(self.eos)
+        if self.spatial:
+            quantized, padding, rows, cols = self._board(arrays, device)
+            cell_logits, height_logits, width_logits, cell_padding = self._patch_logits(
+                quantized, padding, rows, cols
+            )
+            canvas_height, canvas_width = rows * self.output_patch, cols * self.output_patch
+            if self.sizes_from_cells:  # every cell of the grid's own code patches
+                charged = ~cell_padding
+            else:  # the grid's rectangle and its EOS column
+                row = torch.arange(canvas_height, device=device).view(1, -1, 1)
+                col = torch.arange(canvas_width, device=device).view(1, 1, -1)
+                charged = (row < sizes[:, 0, None, None]) & (col < sizes[:, 1, None, None] + eos)
+        else:
+            inputs = self._slot_inputs(arrays, device)
+            cell_logits, height_logits, width_logits, canvas_height, canvas_width, charged = (
+                self._slot_logits(*inputs, sizes)
+            )
+        shape = (len(arrays), canvas_height, canvas_width, -1)
+        log_probs = F.log_softmax(cell_logits.double(), dim=-1).view(shape)
+        return log_probs, height_logits, width_logits, charged.reshape(shape[:3])
+
+    def true_canvas(self, grids: list, canvas: tuple[int, int]) -> torch.Tensor:
+        """The decoder's targets for ``grids`` on a ``canvas = (height, width)`` canvas (width
+        counting the EOS column): [B, height, width] long, as the training batch has them
+        (:func:`~pips.data.batch.collate_grids`): colours top-left, EOS closing each grid row
+        when ``self.eos``, PAD elsewhere."""
+        height, width = int(canvas[0]), int(canvas[1])
+        tokens = collate_grids(
+            grids, eos=self.eos, vocab=self.vocab, canvas_size=(height, width - int(self.eos))
+        ).tokens
+        return tokens.view(len(grids), height, width)
+
+    def _check_fit(self, shape, array: np.ndarray, where: str) -> None:
+        """Spatial layout: a ValueError unless a grid of ``shape`` fits its code map's canvas."""
+        p, eos = self.output_patch, int(self.eos)
+        height, width = shape
+        if height > array.shape[0] * p or width + eos > array.shape[1] * p:
+            raise ValueError(
+                f"{where}: a {height} x {width} grid does not fit the "
+                f"{array.shape[0] * p} x {array.shape[1] * p} canvas of its "
+                f"{array.shape[0]} x {array.shape[1]} code map"
+            )
+
+    # -------------------------------------------------------------------- range coding
+    # The pieces a range coder needs (pips.models.range_coding): the receiver, holding one
+    # grid's codes, computes the same float64 distributions as the sender, one grid at a time.
+
+    @torch.no_grad()
+    def decoder_distribution(self, codes, size: tuple[int, int] | None = None) -> GridCoding:
+        """The decoder's distributions for one grid's ``codes`` (shapes as :meth:`encode_grids`
+        gives them), the ones :meth:`decoder_bits` charges, computed for this grid alone (batch
+        of one; eval mode, no grad, float64 log-softmax), so a sender and a receiver holding only
+        the codes get them bit for bit alike:
+
+        - ``size_from=cells``: ``cells`` on the code map's whole canvas, all charged; no heads
+          (``size`` is not needed and is ignored).
+        - size heads: the height and width heads' log-probabilities (class ``h - 1`` = ``h``),
+          always computed the same way (code projection, then the size head) whatever ``size``
+          is; with ``size = (height, width)`` also ``cells`` and ``charged`` (the grid's
+          rectangle and its EOS column), which the receiver builds after decoding the size.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            array = self.check_codes(codes, "codes")
+            device = next(self.parameters()).device
+            if self.sizes_from_cells:
+                log_probs, _, _, charged = self._charged_log_probs([array], None, device)
+                return GridCoding(None, None, log_probs[0].cpu().numpy(), charged[0].cpu().numpy())
+            if self.spatial:
+                quantized, padding, _, _ = self._board([array], device)
+            else:
+                quantized, _, padding = self._slot_inputs([array], device)
+            heads = self.predict_shape(self.code_projection(quantized), padding)
+            height, width = (F.log_softmax(h[0].double(), -1).cpu().numpy() for h in heads)
+            if size is None:
+                return GridCoding(height, width, None, None)
+            size = (int(size[0]), int(size[1]))
+            if not all(1 <= v <= MAX_GRID_SIZE for v in size):
+                raise ValueError(f"a grid size must lie in 1..{MAX_GRID_SIZE}; got {size}")
+            if self.spatial:
+                self._check_fit(size, array, "codes")
+            sizes = torch.tensor([size], dtype=torch.long, device=device)
+            log_probs, _, _, charged = self._charged_log_probs([array], sizes, device)
+            return GridCoding(height, width, log_probs[0].cpu().numpy(), charged[0].cpu().numpy())
+        finally:
+            self.train(was_training)
+
+    def grid_from_canvas(self, tokens, size: tuple[int, int] | None = None) -> np.ndarray:
+        """A receiver's grid from the decoded canvas ``tokens`` [H, W] (PAD at cells not coded):
+        with ``size_from=cells`` the size by the model's own rule (:meth:`sizes_from_tokens`,
+        every canvas cell covered), else the decoded head ``size``; then the top-left crop."""
+        tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        if self.sizes_from_cells:
+            covered = torch.ones_like(tokens, dtype=torch.bool)
+            sizes = self.sizes_from_tokens(tokens[None], covered[None])
+        elif size is None:
+            raise ValueError("the size heads' decoded size is needed to crop the canvas")
+        else:
+            sizes = torch.tensor([[int(size[0]), int(size[1])]])
+        return crop_grids(tokens[None], sizes)[0]
+
+    def _check_grid(self, grid, where: str) -> np.ndarray:
+        """``grid`` as an [H, W] int64 array of colours, at most 30 x 30, or a ValueError."""
+        grid = np.asarray(grid)
+        if grid.ndim != 2 or 0 in grid.shape or max(grid.shape) > MAX_GRID_SIZE:
+            raise ValueError(
+                f"{where}: a grid must be a 2-D array of 1 to {MAX_GRID_SIZE} cells per side; "
+                f"got shape {grid.shape}"
+            )
+        if not np.issubdtype(grid.dtype, np.integer):
+            raise ValueError(f"{where}: grid cells must be integer colours; got {grid.dtype}")
+        if grid.min() < 0 or grid.max() >= self.vocab.num_colours:
+            raise ValueError(
+                f"{where}: colours must lie in 0..{self.vocab.num_colours - 1}; got "
+                f"{int(grid.min())}..{int(grid.max())}"
+            )
+        return grid.astype(np.int64)
 
 
 def _squeeze(indices: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,14 @@ i`` for ``i < condition_vocab`` (separators); the head predicts ``[0, V)``. A
 :class:`~pips.models.code_tokens.CodeLayout` masks the logits to the one field allowed at each
 position, so the code length of a prior with uniform logits is the code string's capacity.
 
+With ``coordinates`` (the default) each input also gets learned embeddings of the layout's 2D
+coordinates (:meth:`~pips.models.code_tokens.CodeLayout.coordinates`: row, column, part) of the
+token it PREDICTS: the input at item position ``t`` (token ``t - 1``, or the last prefix token at
+``t = 0``) carries position ``t``'s coordinates. They depend only on the size tokens (positions 0
+and 1), which every later input has already seen, so nothing leaks from the target; the inputs of
+the ``[BOS, condition]`` prefix before the last one get coordinates 0. The teacher-forced
+:meth:`CodePrior.logits`, the cached and the uncached :class:`Decoding` add the same embeddings.
+
 Every caller that decodes token by token (sampling, the range coder, the benchmark) goes through
 one :class:`Decoding`: a prefill of ``[BOS, condition]`` into a preallocated per-layer
 :class:`~pips.nn.transformer.KVCache`, then one token per step; ``cache=False`` recomputes the
@@ -67,14 +75,32 @@ class CodePrior(nn.Module):
         dropout: float = 0.0,
         rope_base: float = 10_000.0,
         condition_vocab: int = 0,
+        coordinates: bool = True,
     ):
         super().__init__()
+        # the constructor's arguments but the layout: what a saved prior records to rebuild it
+        self.args = dict(
+            width=width,
+            depth=depth,
+            heads=heads,
+            mlp=mlp,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            rope_base=rope_base,
+            condition_vocab=condition_vocab,
+            coordinates=coordinates,
+        )
         self.layout = layout
+        self.coordinates = coordinates
         self.vocab_size = layout.vocab_size
         self.bos_id = self.vocab_size
         self.heads, self.head_dim = heads, width // heads
         self.embed = nn.Embedding(self.vocab_size + 1 + condition_vocab, width)
         self.rope = Rope1D(self.head_dim, rope_base)
+        if coordinates:  # row, column, part; index 0: not a code token
+            self.coordinate_embed = nn.ModuleList(
+                nn.Embedding(size, width) for size in layout.coordinate_sizes
+            )
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp, mlp_ratio, dropout) for _ in range(depth)
         )
@@ -89,13 +115,25 @@ class CodePrior(nn.Module):
             KVCache.empty(batch, self.heads, capacity, self.head_dim, like) for _ in self.blocks
         ]
 
-    def forward(self, inputs: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        cache: list[KVCache] | None = None,
+        coordinates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """inputs [B, L] -> unmasked next-token logits [B, L, V]; with a cache, the inputs sit at
-        the cache's positions and are appended to it."""
+        the cache's positions and are appended to it. ``coordinates`` [B, L, 3] (what
+        :meth:`input_coordinates` gives; required when the prior uses coordinates) are embedded
+        and added to the inputs' embeddings."""
         start = 0 if cache is None else cache[0].length
         positions = torch.arange(start, start + inputs.shape[1], device=inputs.device)
         rope = self.rope(positions)  # cos, sin [1, 1, L, hd/2]
         x = self.embed(inputs)  # [B, L, D]
+        if self.coordinates:
+            if coordinates is None:
+                raise ValueError("this prior uses coordinates: give the inputs' coordinates")
+            for axis, embed in enumerate(self.coordinate_embed):
+                x = x + embed(coordinates[..., axis])
         for index, block in enumerate(self.blocks):
             x = block(x, rope, causal=True, cache=None if cache is None else cache[index])
         return self.head(self.norm(x))  # [B, L, V]
@@ -110,6 +148,17 @@ class CodePrior(nn.Module):
             [bos, condition.expand(batch, -1) if condition.dim() == 1 else condition], 1
         )
 
+    def input_coordinates(
+        self, tokens: torch.Tensor, positions: torch.Tensor, lead: int = 0
+    ) -> torch.Tensor | None:
+        """Coordinates [B, lead + T, 3] of a run of inputs: ``lead`` prefix inputs that predict no
+        item token (0), then the inputs that predict item ``positions`` [T] of the items that
+        ``tokens`` [B, P] begin (the tokens before them); ``None`` without coordinates."""
+        if not self.coordinates:
+            return None
+        coords = self.layout.coordinates(tokens, positions)  # [B, T, 3]
+        return torch.nn.functional.pad(coords, (0, 0, lead, 0))
+
     def mask(self, logits: torch.Tensor, prefix: torch.Tensor, positions: torch.Tensor):
         """logits [B, T, V] at ``positions`` [T] of the item (given its tokens ``prefix``) with
         every id the layout does not allow there set to -inf."""
@@ -122,8 +171,10 @@ class CodePrior(nn.Module):
         """Teacher-forced, masked logits of every token of ``tokens`` [B, T] -> [B, T, V]."""
         prefix = self.prefix(tokens.shape[0], condition, tokens.device)
         inputs = torch.cat([prefix, tokens[:, :-1]], dim=1)
-        logits = self(inputs)[:, prefix.shape[1] - 1 :]  # [B, T, V]
-        return self.mask(logits, tokens, torch.arange(tokens.shape[1], device=tokens.device))
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        coordinates = self.input_coordinates(tokens, positions, prefix.shape[1] - 1)
+        logits = self(inputs, coordinates=coordinates)[:, prefix.shape[1] - 1 :]  # [B, T, V]
+        return self.mask(logits, tokens, positions)
 
     def log_prob(self, tokens: torch.Tensor, condition: torch.Tensor | None = None):
         """``log p(tokens)`` in nats per row [B], over the real tokens (padding is forced)."""
@@ -205,10 +256,21 @@ class Decoding:
         self.caches = [
             prior.new_cache(batch, p.shape[1] + length) if cache else None for p in prefixes
         ]
-        with torch.no_grad():
+        with torch.no_grad():  # the prefix's last input predicts item position 0
             self.stream_logits = [
-                prior(p, c)[:, -1] for p, c in zip(prefixes, self.caches, strict=True)
+                prior(p, c, self._coordinates(p.shape[1] - 1))[:, -1]
+                for p, c in zip(prefixes, self.caches, strict=True)
             ]
+
+    def _coordinates(self, lead: int, every: bool = False) -> torch.Tensor | None:
+        """Coordinates of ``lead`` prefix inputs, then of the input predicting the current
+        position (``every``: of the inputs predicting each position so far and the current)."""
+        device = self.tokens.device
+        if every:
+            positions = torch.arange(self.position + 1, device=device)
+        else:
+            positions = torch.tensor([self.position], device=device)
+        return self.prior.input_coordinates(self.seen, positions, lead)
 
     @property
     def seen(self) -> torch.Tensor:
@@ -236,10 +298,16 @@ class Decoding:
         if self.position == self.length:
             return
         if self.cached:
-            self.stream_logits = [self.prior(token[:, None], c)[:, -1] for c in self.caches]
+            coordinates = self._coordinates(0)
+            self.stream_logits = [
+                self.prior(token[:, None], c, coordinates)[:, -1] for c in self.caches
+            ]
         else:
             self.stream_logits = [
-                self.prior(torch.cat([p, self.seen], 1))[:, -1] for p in self.prefixes
+                self.prior(
+                    torch.cat([p, self.seen], 1), None, self._coordinates(p.shape[1] - 1, True)
+                )[:, -1]
+                for p in self.prefixes
             ]
 
 

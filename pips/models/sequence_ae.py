@@ -26,8 +26,10 @@ Shapes: tokens ``[B, T]``, ``T <= max_length``; logits ``[B, T, V]``; ``N`` code
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -215,6 +217,53 @@ class SequenceAutoencoder(nn.Module):
     def decode_codes(self, indices: torch.Tensor, length: int) -> torch.Tensor:
         """Code indices [B, N] (or [B, N, levels]) -> token logits [B, length, V]."""
         return self.decode(self.quantizer.codes_to_quantized(indices), length)
+
+    @torch.no_grad()
+    def decoder_bits(self, tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``-log2 p(tokens | codes)`` per sequence, in bits ([B] float64): the decoder part of a
+        two-part lossless code. Every position ``t < T`` of ``tokens`` [B, T] is charged
+        ``-log2 softmax(logits[t])[tokens[t]]`` (float64 log-softmax over the ``V`` tokens) under
+        the logits :meth:`decode_codes` gives the code indices ``indices`` [B, N] (or
+        [B, N, levels]) for length ``T``; eval mode, no grad. The length ``T`` is not charged: a
+        receiver is assumed to know it (the spatial layout's code count gives it up to ``p``)."""
+        self._check(tokens)
+        if indices.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"{tokens.shape[0]} token sequences but code indices for {indices.shape[0]}"
+            )
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(
+                f"tokens must lie in 0..{self.vocab_size - 1}; got "
+                f"{int(tokens.min())}..{int(tokens.max())}"
+            )
+        log_probs = self._log_probs(indices, tokens.shape[1])  # [B, T, V]
+        log_probs = log_probs.gather(-1, tokens.to(log_probs.device).unsqueeze(-1)).squeeze(-1)
+        return -log_probs.sum(dim=1) / math.log(2.0)
+
+    @torch.no_grad()
+    def decoder_distribution(self, indices, length: int) -> np.ndarray:
+        """One sequence's code indices [N] (or [N, levels]) -> the decoder's float64 token
+        log-probabilities [length, V], the ones :meth:`decoder_bits` charges, computed for this
+        sequence alone (batch of one; eval mode, no grad), so that a range coder's sender and
+        its receiver, holding only the codes and the length, get them bit for bit alike."""
+        indices = torch.as_tensor(np.asarray(indices)).long()
+        if indices.dim() not in (1, 2):
+            raise ValueError(
+                f"one sequence's code indices are [N] or [N, levels]; got {tuple(indices.shape)}"
+            )
+        return self._log_probs(indices[None], int(length))[0].cpu().numpy()
+
+    def _log_probs(self, indices: torch.Tensor, length: int) -> torch.Tensor:
+        """Code indices [B, N(, levels)] -> float64 token log-probabilities [B, length, V] in
+        eval mode (the mode restored after)."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.token_head.weight.device
+            logits = self.decode_codes(indices.to(device), length)  # [B, T, V]
+        finally:
+            self.train(was_training)
+        return F.log_softmax(logits.double(), dim=-1)
 
     def forward(self, tokens: torch.Tensor, **schedule_values: float) -> SequenceAEOutput:
         activations = self.token_activations(tokens)

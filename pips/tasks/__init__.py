@@ -20,6 +20,7 @@ from pips.tasks.base import (
 from pips.tasks.grids import GridsTask
 from pips.tasks.images import ImagesTask
 from pips.tasks.modular import ModularTask
+from pips.tasks.prior import PriorTask
 from pips.tasks.sequences import SequencesTask
 from pips.tasks.text import TextTask
 
@@ -31,6 +32,7 @@ __all__ = [
     "Items",
     "ModularTask",
     "PeriodicDrawing",
+    "PriorTask",
     "ProbeData",
     "SequencesTask",
     "Task",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pips.config import Config, register_task_section
+from pips.models.code_tokens import CodeLayout, IndexSplit, PooledLayout
 from pips.plots import html_image
 
 
@@ -178,6 +179,25 @@ class Task:
         """``text`` encoded to codes and decoded back, piece by piece: (piece, reconstruction)."""
         raise TaskError(f"pips generate needs a text run; this is a {self.name} run")
 
+    def sample(self, model: torch.nn.Module, count: int, out: Path, **settings) -> dict:
+        """Draw ``count`` items from a prior run and write them into ``out``."""
+        raise TaskError(
+            f"pips sample draws from a prior over codes (task prior); this is a {self.name} run: "
+            f"train one with pips train configs/arc_prior.yaml prior.tokenizer=RUN"
+        )
+
+    def compress(self, model: torch.nn.Module, path: Path, out: Path) -> dict:
+        """The items of ``path`` as one lossless bit string under a prior run's model."""
+        raise TaskError(
+            f"pips compress needs a prior over codes (task prior); this is a {self.name} run"
+        )
+
+    def decompress(self, model: torch.nn.Module, path: Path, out: Path) -> dict:
+        raise TaskError(
+            f"pips decompress needs the prior run that compressed the file; this is a "
+            f"{self.name} run"
+        )
+
     def write_items(self, items: list, metadata: dict[str, np.ndarray], out: Path) -> str:
         """Write decoded items to ``out`` (grids: ARC task JSON); returns a description."""
         raise NotImplementedError
@@ -186,6 +206,90 @@ class Task:
         self, model: torch.nn.Module, target: str, features: str, spec, count, layer
     ) -> ProbeData:
         raise TaskError(f"pips probe has no targets for task {self.name}")
+
+    # ----------------------------------------------------------------------- a prior over items
+    # What task ``prior`` (pips/tasks/prior.py) asks of the task whose items it models: the items,
+    # their augmentation, their own tokens (``prior.tokenizer=raw``), the layout of a tokenizer's
+    # codes, the decoder's part of a two-part code, and the baselines measured beside it.
+
+    def prior_items(self) -> tuple[list, list]:
+        """The training and validation items a prior over this task's items models."""
+        raise TaskError(f"a prior over {self.name} items is not supported")
+
+    def augment_items(self, items: list, copies: int, kind: str, seed: int) -> list:
+        """``copies`` versions of every item (the items themselves first), augmented as ``kind``
+        says; by default the task has no augmentation and the items come once."""
+        return list(items)
+
+    def raw_layout(self, items: list) -> CodeLayout:
+        """The layout of the items' own tokens (``prior.tokenizer=raw``)."""
+        raise TaskError(
+            f"prior.tokenizer=raw needs items made of tokens; {self.name} items are not: give "
+            f"prior.tokenizer=RUN, a run that learned codes of them"
+        )
+
+    def raw_codes(self, item) -> np.ndarray:
+        """An item as the values its raw layout tokenises."""
+        return np.asarray(item)
+
+    def raw_item(self, codes: np.ndarray):
+        """The item whose raw codes are ``codes``."""
+        return np.asarray(codes)
+
+    def code_layout(
+        self, model: torch.nn.Module, codes: list[np.ndarray], part_values: int = 2**16
+    ) -> CodeLayout:
+        """The token layout of ``model``'s codes (``codes``: some items' codes, as
+        :meth:`encode` gives them): by default every item has codes of one shape, read slot by
+        slot, each index split along the quantizer's factors into parts of at most
+        ``part_values`` values."""
+        shapes = {np.asarray(c).shape for c in codes}
+        if len(shapes) != 1:
+            raise TaskError(
+                f"{self.name} codes of several shapes ({sorted(shapes)[:3]}) need a layout"
+            )
+        split = IndexSplit.for_quantizer(model.quantizer, part_values)
+        return PooledLayout(int(np.prod(shapes.pop())), split)
+
+    def decoder_bits(self, model: torch.nn.Module, items: list, codes: list) -> np.ndarray | None:
+        """``-log2 p(item | codes)`` per item under the decoder (the second part of a two-part
+        code), or None when the decoder gives no such distribution (continuous items)."""
+        return None
+
+    def baselines(self, items: list) -> dict[str, float]:
+        """Codelength baselines measured on the same items, bits per item (zlib, xz, ...)."""
+        return {}
+
+    def sample_statistics(self, samples: list, train: list, val: list) -> dict[str, float]:
+        """What a prior's samples are like: the share identical to a training item (and what
+        the task can say of their distribution against the validation items)."""
+        known = {np.asarray(item).tobytes() for item in train}
+        same = sum(np.asarray(item).tobytes() in known for item in samples)
+        return {"identical_to_training": same / max(len(samples), 1)}
+
+    def read_items(self, path: Path) -> Items:
+        """The items of one file (pips compress): ARC task JSON for grids."""
+        raise TaskError(f"pips compress does not read {self.name} items")
+
+    def encode_item(self, encoder, model: torch.nn.Module, item, codes) -> float:
+        """Append ``item`` given its ``codes`` to a range coder under ``model``'s decoder (the
+        second part of a two-part code); returns the bits the model spent."""
+        raise TaskError(
+            f"{self.name} items are not coded losslessly by their decoder (continuous values)"
+        )
+
+    def decode_item(self, decoder, model: torch.nn.Module, codes):
+        """The item :meth:`encode_item` wrote, read back given its codes."""
+        raise TaskError(f"{self.name} items are not coded losslessly by their decoder")
+
+    def sample_well_formed(self, model: torch.nn.Module, codes: list, items: list) -> dict:
+        """For samples decoded by ``model``: the share of code strings that decode to a
+        well-formed item (by default every one does)."""
+        return {"well_formed": 1.0}
+
+    def write_samples(self, samples: list, out: Path) -> list[str]:
+        """Write sampled items into the folder ``out``; returns the files written."""
+        return [self.write_items(samples, {}, Path(out) / "samples")]
 
     def report_sections(self, model: torch.nn.Module, run_dir: Path) -> dict[str, str]:
         """The task's sections of `pips report` (HTML): by default the newest code-usage and

@@ -32,17 +32,23 @@ from pips.data.arc import (
     GridError,
     GridRecord,
     grid_information_bits,
+    grid_key,
     load_grids,
+    read_task_file,
     spread_evenly,
 )
-from pips.data.augment import GridAugmenter
+from pips.data.augment import GridAugmenter, dihedral, random_colour_permutation
 from pips.data.batch import Batch, batch_to_grids, collate_grids
+from pips.data.compressors import arc_baselines
 from pips.data.loader import make_dataloader
 from pips.data.masking import mask_cells
+from pips.data.vocab import MAX_GRID_SIZE, NUM_COLOURS
 from pips.losses import cell_weights, shape_cross_entropy, weighted_cross_entropy
 from pips.metrics import CodeUsage, code_metrics
+from pips.models.code_tokens import CodeLayout, IndexSplit, PooledLayout, SpatialLayout
 from pips.models.grid_dvae import GridDVAE, GridDVAEOutput
-from pips.plots import html_image, plot_code_usage, save_reconstructions
+from pips.models.range_coding import decode_grid, encode_grid
+from pips.plots import html_image, plot_code_usage, save_grid_sheet, save_reconstructions
 from pips.tasks.base import (
     Headline,
     Items,
@@ -362,6 +368,16 @@ def grid_records(config, spec: str | None, distinct: bool = True) -> tuple[list[
     return records, note
 
 
+def record_metadata(records: list[GridRecord]) -> dict[str, np.ndarray]:
+    """Where each grid came from (task, subset, pair, role): what writes it back as ARC JSON."""
+    return {
+        "task_ids": np.asarray([r.task_id for r in records], dtype=str),
+        "subsets": np.asarray([r.subset for r in records], dtype=str),
+        "pair_indices": np.asarray([r.pair_index for r in records], dtype=np.int64),
+        "roles": np.asarray([r.role for r in records], dtype=str),
+    }
+
+
 # ------------------------------------------------------------------------------------ the task
 @register_task
 class GridsTask(Task):
@@ -448,13 +464,7 @@ class GridsTask(Task):
 
     def items(self, spec: str | None, distinct: bool = True) -> Items:
         records, note = grid_records(self.config, spec, distinct)
-        metadata = {
-            "task_ids": np.asarray([r.task_id for r in records], dtype=str),
-            "subsets": np.asarray([r.subset for r in records], dtype=str),
-            "pair_indices": np.asarray([r.pair_index for r in records], dtype=np.int64),
-            "roles": np.asarray([r.role for r in records], dtype=str),
-        }
-        return Items([r.grid for r in records], metadata, note)
+        return Items([r.grid for r in records], record_metadata(records), note)
 
     def encode(self, model: GridDVAE, items) -> list[np.ndarray]:
         self.require_codes(model)
@@ -466,6 +476,114 @@ class GridsTask(Task):
             return model.decode_codes(codes)
         except ValueError as error:
             raise TaskError(str(error)) from None
+
+    # ------------------------------------------------------------------ a prior over grids
+    def prior_items(self) -> tuple[list, list]:
+        """The run's training grids and its final validation grids (grids.* and data.*)."""
+        data = GridDataModule(self.config, self.config.seed)
+        data.setup("fit")
+        return [r.grid for r in data.train_records], [r.grid for r in data.final_val_records]
+
+    def augment_items(self, items: list, copies: int, kind: str, seed: int) -> list:
+        """The grids, then ``copies - 1`` more versions of each: a random D4 element
+        (``dihedral``) and a random colour permutation keeping black (``colours``)."""
+        rng = np.random.default_rng(seed)
+        out = list(items)
+        identity = np.arange(NUM_COLOURS)
+        for _ in range(copies - 1):
+            for grid in items:
+                k = int(rng.integers(8)) if "dihedral" in kind else 0
+                colours = (
+                    random_colour_permutation(rng, self.config.grids.keep_black)
+                    if "colours" in kind
+                    else identity
+                )
+                out.append(np.ascontiguousarray(colours[dihedral(grid, k)]))
+        return out
+
+    def raw_layout(self, items: list) -> SpatialLayout:
+        """A grid's own tokens: its height, its width, its cells in raster order, an end."""
+        return SpatialLayout(MAX_GRID_SIZE, MAX_GRID_SIZE, IndexSplit([(NUM_COLOURS, 1)]))
+
+    def code_layout(self, model: GridDVAE, codes: list, part_values: int = 2**16) -> CodeLayout:
+        """Spatial: the code map's size, then its codes in raster order; pooled: slot order."""
+        split = IndexSplit.for_quantizer(model.quantizer, part_values)
+        if model.spatial:
+            p = model.output_patch
+            rows = -(-MAX_GRID_SIZE // p)
+            cols = -(-(MAX_GRID_SIZE + int(model.eos)) // p)
+            return SpatialLayout(rows, cols, split, model.code_levels)
+        return PooledLayout(model.config.num_latents, split, model.code_levels)
+
+    def decoder_bits(self, model: GridDVAE, items: list, codes: list) -> np.ndarray:
+        return model.decoder_bits(list(items), list(codes))
+
+    def baselines(self, items: list) -> dict[str, float]:
+        """zlib -9 per grid, xz -9e over all of them and each grid's order-0 entropy, on the
+        grids written as text (a row of digits per line)."""
+        return arc_baselines(list(items))
+
+    def read_items(self, path: Path) -> Items:
+        try:
+            records = read_task_file(path)
+        except GridError as error:
+            raise TaskError(str(error)) from None
+        return Items(
+            [r.grid for r in records], record_metadata(records), f"{len(records)} grids of {path}"
+        )
+
+    def encode_item(self, encoder, model: GridDVAE, item, codes) -> float:
+        return encode_grid(encoder, model, item, codes)
+
+    def decode_item(self, decoder, model: GridDVAE, codes):
+        return decode_grid(decoder, model, codes)
+
+    def sample_statistics(self, samples: list, train: list, val: list) -> dict[str, float]:
+        """The share identical to a training grid, and the total variation distance between
+        the samples' and the validation grids' size and colour histograms."""
+        known = {grid_key(g) for g in train}
+
+        def histograms(grids):
+            sizes = np.zeros((MAX_GRID_SIZE, MAX_GRID_SIZE))
+            colours = np.zeros(NUM_COLOURS)
+            for grid in grids:
+                sizes[grid.shape[0] - 1, grid.shape[1] - 1] += 1
+                colours += np.bincount(np.asarray(grid).ravel(), minlength=NUM_COLOURS)
+            return sizes / max(sizes.sum(), 1), colours / max(colours.sum(), 1)
+
+        sample_sizes, sample_colours = histograms(samples)
+        val_sizes, val_colours = histograms(val)
+        return {
+            "identical_to_training": sum(grid_key(g) in known for g in samples) / len(samples),
+            "size_tv": 0.5 * float(np.abs(sample_sizes - val_sizes).sum()),
+            "colour_tv": 0.5 * float(np.abs(sample_colours - val_colours).sum()),
+        }
+
+    def sample_well_formed(self, model: GridDVAE, codes: list, items: list) -> dict:
+        """Spatial codes: the decoded grid's size fits the code map it came from (the map
+        is the one that grid would be encoded to); pooled codes always give a grid."""
+        if not model.spatial:
+            return {"well_formed": 1.0}
+        p, eos = model.output_patch, int(model.eos)
+        good = sum(
+            tuple(np.asarray(c).shape[:2]) == (-(-g.shape[0] // p), -(-(g.shape[1] + eos) // p))
+            for c, g in zip(codes, items, strict=True)
+        )
+        return {"well_formed": good / max(len(items), 1)}
+
+    def write_samples(self, samples: list, out: Path) -> list[str]:
+        """``samples.json`` (ARC task JSON, one task per grid, the grid as its test input) and
+        ``samples.png`` (a sheet of the first 64 in the ARC palette)."""
+        out = Path(out)
+        count = len(samples)
+        metadata = {  # each sample the input of its task's one test pair (outputs may be absent)
+            "task_ids": np.asarray([f"sample{i:05d}" for i in range(count)], dtype=str),
+            "subsets": np.asarray(["test"] * count, dtype=str),
+            "pair_indices": np.zeros(count, dtype=np.int64),
+        }
+        grids_to_arc_json(samples, metadata, out / "samples.json")
+        save_grid_sheet(samples[:64], out / "samples.png", f"{len(samples)} samples")
+        return [str(out / "samples.json"), str(out / "samples.png")]
 
     def check_metadata(self, metadata: dict[str, np.ndarray], count: int) -> None:
         """Where each grid goes: string task ids, subsets train/test, roles input/output, pair

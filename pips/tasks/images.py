@@ -171,3 +171,13 @@ class ImagesTask(TensorTask):
             save_image_rows([images], sheet, title="decoded from codes")
             written += f" (and {sheet.name})"
         return written
+
+    def write_samples(self, samples: list, out: Path) -> list[str]:
+        """``samples.npz`` (the images) and ``samples.png`` (rows of 16)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        images = torch.as_tensor(np.stack(samples)).float().clamp(0, 1)
+        np.savez_compressed(out / "samples.npz", items=images.numpy())
+        rows = [images[i : i + 16] for i in range(0, min(len(images), 64), 16)]
+        save_image_rows([r for r in rows if len(r) == len(rows[0])], out / "samples.png")
+        return [str(out / "samples.npz"), str(out / "samples.png")]

@@ -101,8 +101,9 @@ class CodeModule(L.LightningModule):
         self.dataset_size = loss.dataset_size or dataset_size
         # stateful terms are submodules, so their running averages live in the checkpoint; they
         # see a product codebook's factors as latents of k codes each
-        factors = getattr(self.model.quantizer, "factors", 1)
-        codebook_size = getattr(self.model.quantizer, "factor_size", quantizer.codebook_size)
+        own_quantizer = getattr(self.model, "quantizer", None)  # a code prior has none
+        factors = getattr(own_quantizer, "factors", 1)
+        codebook_size = getattr(own_quantizer, "factor_size", quantizer.codebook_size)
         decomposition = any(name in self.term_weights for name in DECOMPOSITION_TERMS)
         self.slot_marginals = (
             SlotMarginalEMA(config.model.num_latents * factors, codebook_size, loss.marginal_ema)
@@ -116,7 +117,9 @@ class CodeModule(L.LightningModule):
         )
         # validation metrics: summed over batches and across ranks (torchmetrics states)
         self.val_quality = self.new_metrics()
-        self.val_codes = CodeUsage(self.model.quantizer.codebook_size, task.slotted)
+        self.val_codes = (
+            None if own_quantizer is None else CodeUsage(own_quantizer.codebook_size, task.slotted)
+        )
         self.last_codes: tuple[torch.Tensor | None, torch.Tensor] | None = None
         self.last_losses: dict[str, torch.Tensor] = {}  # this step's loss parts, detached
         self.guard = None  # a RunGuard (set by the runner): NaN/inf checks of the loss
@@ -288,7 +291,8 @@ class CodeModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.val_quality.reset()
-        self.val_codes.reset()
+        if self.val_codes is not None:
+            self.val_codes.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         output = self(batch, **self.quantizer_values(self.global_step))
@@ -296,7 +300,9 @@ class CodeModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Every rank validated its own share of the items; the metrics add them up."""
-        metrics = {**self.val_quality.compute(), **code_metrics(self.val_codes, self.task.unit)}
+        metrics = self.val_quality.compute()
+        if self.val_codes is not None:
+            metrics.update(code_metrics(self.val_codes, self.task.unit))
         self.log_dict({f"val/{k}": v for k, v in metrics.items()})
 
     # ----------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ how much of a hidden node's state the codes carry, against the Bayes-optimal pos
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,8 +16,10 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from pips.config import Config, SequenceConfig
+from pips.data.compressors import compressor_baselines
 from pips.data.gssm import GSSM, load_sequences
 from pips.losses.stablemax import stablemax_cross_entropy
+from pips.models.code_tokens import IndexSplit, PooledLayout
 from pips.models.sequence_ae import SequenceAutoencoder
 from pips.tasks.base import Headline, ProbeData, TaskError, register_task
 from pips.tasks.probe import ProbeError, bayes_baselines, hidden_nodes, sequence_features, split
@@ -162,6 +166,56 @@ class SequencesTask(TensorTask):
     def decode_codes(self, model, indices: torch.Tensor) -> torch.Tensor:
         """Tokens ``[B, T]`` (the argmax of the decoder's logits) from code indices."""
         return model.decode_codes(indices, model.max_length).argmax(-1)
+
+    # ------------------------------------------------------------------ a prior over sequences
+    def prior_items(self) -> tuple[list, list]:
+        """The run's training and validation sequences (observations), regenerated from its
+        config; the validation draw is kept for the exact reference of :meth:`baselines`."""
+        train, val, self._gssm = sequence_splits(self.config)
+        self._val = val
+        limit = self.config.data.max_samples
+        rows = list(np.asarray(train["observations"], dtype=np.int64))
+        return rows[:limit] if limit else rows, list(np.asarray(val["observations"], np.int64))
+
+    def raw_layout(self, items: list) -> PooledLayout:
+        """The observations themselves, one token each."""
+        lengths = {len(item) for item in items}
+        if len(lengths) != 1:
+            raise TaskError(f"a raw prior needs sequences of one length; got {sorted(lengths)[:3]}")
+        vocab = int(max(int(np.max(item)) for item in items)) + 1
+        if self._gssm is not None:
+            vocab = max(vocab, self._gssm.nodes[self._gssm.spec.observed].states)
+        return PooledLayout(lengths.pop(), IndexSplit([(vocab, 1)]))
+
+    def decoder_bits(self, model, items: list, codes: list) -> np.ndarray:
+        tokens = torch.as_tensor(np.stack(items), dtype=torch.long)
+        indices = torch.as_tensor(np.stack(codes), dtype=torch.long)
+        return model.decoder_bits(tokens, indices).numpy()
+
+    def baselines(self, items: list) -> dict[str, float]:
+        """zlib -9 per sequence, xz -9e over all, each one's order-0 entropy (one byte per
+        token), and for sequences drawn from a GSSM the exact ``-log2 p(x)`` of each under its
+        own process (its kernels), the entropy a perfect model of that sequence would need."""
+        data = [np.asarray(item, dtype=np.uint8).tobytes() for item in items]
+        symbols = [np.asarray(item) for item in items]
+        values = compressor_baselines(data, symbols, separator=b"")  # one length: no framing
+        val = getattr(self, "_val", None)
+        if self._gssm is not None and val is not None and len(items) <= len(val["observations"]):
+            observations = np.asarray(val["observations"])[: len(items)]
+            if np.array_equal(observations, np.stack(items)):
+                bits = [
+                    -self._gssm.log_likelihood(sequence, kernels) / math.log(2)
+                    for sequence, kernels in zip(observations, val["kernels"], strict=False)
+                ]
+                values["exact_bits"] = float(np.mean(bits))
+        return values
+
+    def write_samples(self, samples: list, out: Path) -> list[str]:
+        """``samples.npz``: the sampled observations [N, T]."""
+        path = Path(out) / "samples.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, observations=np.stack(samples).astype(np.int64))
+        return [str(path)]
 
     @property
     def probe_targets(self) -> tuple[str, ...]:

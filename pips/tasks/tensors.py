@@ -27,6 +27,50 @@ from pips.tasks.base import Items, Task, TaskError, output_file
 from pips.tasks.module import CodeModule
 
 
+def stateful_loader(
+    data: L.LightningDataModule,
+    dataset,
+    shapes: np.ndarray,
+    batch_size: int,
+    shuffle: bool,
+    shard: bool = True,
+    bucket: bool = False,
+) -> GridDataLoader:
+    """Batches of ``dataset`` through ``data.collate``, seeded per epoch and stateful (a run
+    stopped mid-epoch resumes with the next batch); ``bucket``: grouped by ``shapes`` [N, 2].
+    Under DDP training batches are sharded by the sampler and validation items split across
+    ranks (rank r scores items r, r + world, ...)."""
+    trainer = getattr(data, "trainer", None)
+    distributed = shard and trainer is not None and trainer.world_size > 1
+    sharding = {}
+    indices = np.arange(len(dataset))
+    if distributed and shuffle:
+        sharding = {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
+    elif distributed:
+        indices = indices[trainer.global_rank :: trainer.world_size]
+        dataset = torch.utils.data.Subset(dataset, indices.tolist())
+    count = len(indices)
+    config = data.config
+    sampler = BucketBatchSampler(
+        np.asarray(shapes, dtype=np.int64)[indices],
+        batch_size,
+        shuffle=shuffle,
+        seed=config.seed,
+        bucket=bucket,
+        drop_last=shuffle and count >= batch_size,
+        **sharding,
+    )
+    workers = config.data.num_workers if shuffle else 0
+    return GridDataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=data.collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+
 class TensorDataModule(L.LightningDataModule):
     """Train/validation tensors in memory (``train_items``, ``val_items``: tuples of tensors with
     one row per item); the training order is drawn from the sampler's own seeded generator, so a
@@ -71,36 +115,11 @@ class TensorDataModule(L.LightningDataModule):
         return f"training on {self.train_size} {self.task.unit}, validating on {self.val_size}"
 
     def _loader(self, items, batch_size: int, shuffle: bool, limit: int | None = None, shard=True):
-        """Batches without size buckets: seeded per epoch and stateful (a run stopped mid-epoch
-        resumes with the next batch). Under DDP training batches are sharded by the sampler and
-        validation items split across ranks (rank r scores items r, r + world, ...)."""
+        """Batches without size buckets (see :func:`stateful_loader`)."""
         if limit is not None:
             items = tuple(tensor[:limit] for tensor in items)
-        trainer = getattr(self, "trainer", None)
-        distributed = shard and trainer is not None and trainer.world_size > 1
-        sharding = {}
-        if distributed and shuffle:
-            sharding = {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
-        elif distributed:
-            items = tuple(tensor[trainer.global_rank :: trainer.world_size] for tensor in items)
-        count = len(items[0])
-        sampler = BucketBatchSampler(
-            np.ones((count, 2), dtype=np.int64),
-            batch_size,
-            shuffle=shuffle,
-            seed=self.config.seed,
-            bucket=False,
-            drop_last=shuffle and count >= batch_size,
-            **sharding,
-        )
-        workers = self.config.data.num_workers if shuffle else 0
-        return GridDataLoader(
-            TensorDataset(*items),
-            batch_sampler=sampler,
-            collate_fn=self.collate,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(self.config.seed),
+        return stateful_loader(
+            self, TensorDataset(*items), np.ones((len(items[0]), 2)), batch_size, shuffle, shard
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -265,6 +284,13 @@ class TensorTask(Task):
 
     def evaluation_note(self, count: int) -> str:
         return f"{count} validation {self.unit}"
+
+    def prior_items(self) -> tuple[list, list]:
+        """The run's training items and its final validation items."""
+        data = self.datamodule()
+        limit = self.config.data.max_final_val_samples
+        val = data.val_items[0][:limit] if limit else data.val_items[0]
+        return list(data.train_items[0].numpy()), list(val.numpy())
 
     def items(self, spec: str | None, distinct: bool = True) -> Items:
         if spec is not None:

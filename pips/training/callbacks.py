@@ -177,7 +177,8 @@ class CodebookMonitor(L.Callback):
         self.enabled = False
 
     def on_train_start(self, trainer, module) -> None:
-        self.codebook_size = int(getattr(module.model.quantizer, "codebook_size", 0) or 0)
+        quantizer = getattr(module.model, "quantizer", None)  # a code prior has none
+        self.codebook_size = int(getattr(quantizer, "codebook_size", 0) or 0)
         self.enabled = 2 <= self.codebook_size <= 65536
 
     def _batch_usage(self, indices: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:

@@ -30,13 +30,6 @@ from pips.config import (
     to_dict,
 )
 from pips.tasks import Task, TaskError, get_task
-from pips.training.callbacks import (
-    CodebookMonitor,
-    RunGuard,
-    StepProgressBar,
-    TermCurves,
-    TrainingProgress,
-)
 from pips.tasks.checkpoint_io import (
     AtomicCheckpointIO,
     remove_stale_temporaries,
@@ -49,6 +42,13 @@ from pips.tasks.checkpoints import (
     load_weights,
     read_checkpoint,
     read_json_record,
+)
+from pips.training.callbacks import (
+    CodebookMonitor,
+    RunGuard,
+    StepProgressBar,
+    TermCurves,
+    TrainingProgress,
 )
 from pips.training.last_checkpoint import EveryValidationCheckpoint
 from pips.training.lock import RunFolderLocked, RunLock
@@ -473,7 +473,7 @@ def _fit(config: Config, run_dir: Path, ckpt_path: Path | None) -> dict:
         for logger in trainer.loggers:  # the full-split numbers beside the periodic ones
             logger.log_metrics({f"final/{k}": v for k, v in final.items()}, trainer.global_step)
             logger.save()
-        summary.update({key: final[key] for key in task.summary_keys})
+        summary.update({key: final[key] for key in task.summary_keys if key in final})
         summary.update({f"val_{k}": v for k, v in final.items() if k not in task.summary_keys})
         summary["wall_seconds"] = _wall_seconds_so_far(run_dir) + (time.time() - started)
         summary[f"{task.unit}_per_second"] = progress.grids_per_second
