@@ -14,6 +14,13 @@ and 1), which every later input has already seen, so nothing leaks from the targ
 the ``[BOS, condition]`` prefix before the last one get coordinates 0. The teacher-forced
 :meth:`CodePrior.logits`, the cached and the uncached :class:`Decoding` add the same embeddings.
 
+A whole sequence of several items with separators (task ``prior`` with ``prior.context=task``:
+an ARC task's grids) is scored by :meth:`CodePrior.sequence_log_probs`, which takes every
+input's coordinates and every target's allowed range ``[low, high)`` precomputed, so it needs no
+layout logic of its own. Decoding after such a sequence (the test output given its task) gives
+the condition its own coordinates (``condition_coordinates``: the place of each condition token
+in its item, 0 for separators), exactly as the sequence path does.
+
 Every caller that decodes token by token (sampling, the range coder, the benchmark) goes through
 one :class:`Decoding`: a prefill of ``[BOS, condition]`` into a preallocated per-layer
 :class:`~pips.nn.transformer.KVCache`, then one token per step; ``cache=False`` recomputes the
@@ -190,6 +197,38 @@ class CodePrior(nn.Module):
         """Code length ``-log2 p(tokens)`` per row [B]."""
         return -self.log_prob(tokens, condition) / math.log(2)
 
+    # ------------------------------------------------------------------ sequences of items
+    def sequence_logits(
+        self,
+        inputs: torch.Tensor,
+        coordinates: torch.Tensor | None,
+        low: torch.Tensor,
+        high: torch.Tensor,
+    ) -> torch.Tensor:
+        """Teacher-forced logits [B, L, V] of a batch of sequences given precomputed fields:
+        ``inputs`` [B, L] (``BOS`` first, then the sequence's ids, separators ``V + 1 + i``
+        among them, right-padded), ``coordinates`` [B, L, 3] of the token each input predicts
+        (ignored without coordinates), and the ids ``low <= id < high`` [B, L] allowed at each
+        target; every other id is -inf."""
+        logits = self(inputs, coordinates=coordinates if self.coordinates else None)
+        ids = torch.arange(self.vocab_size, device=logits.device)
+        keep = (ids >= low[..., None]) & (ids < high[..., None])  # [B, L, V]
+        return logits.masked_fill(~keep, -math.inf)
+
+    def sequence_log_probs(
+        self,
+        inputs: torch.Tensor,
+        coordinates: torch.Tensor | None,
+        low: torch.Tensor,
+        high: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """``log p(target_t | inputs_<=t)`` in nats [B, L] under :meth:`sequence_logits`;
+        ``targets`` are ids in ``[0, V)`` (-inf where outside ``[low, high)``). Positions that
+        carry no loss (separators, padding) need only a target inside their range."""
+        log_probs = self.sequence_logits(inputs, coordinates, low, high).log_softmax(-1)
+        return log_probs.gather(-1, targets[..., None])[..., 0]
+
     # ------------------------------------------------------------------ token by token
     def start(
         self,
@@ -198,8 +237,21 @@ class CodePrior(nn.Module):
         condition: torch.Tensor | None = None,
         guidance: float | None = None,
         cache: bool = True,
+        condition_coordinates: torch.Tensor | None = None,
+        unconditional: torch.Tensor | None = None,
+        unconditional_coordinates: torch.Tensor | None = None,
     ) -> Decoding:
-        return Decoding(self, batch, length or self.layout.max_length, condition, guidance, cache)
+        return Decoding(
+            self,
+            batch,
+            length or self.layout.max_length,
+            condition,
+            guidance,
+            cache,
+            condition_coordinates,
+            unconditional,
+            unconditional_coordinates,
+        )
 
     @torch.no_grad()
     def sample(
@@ -215,11 +267,23 @@ class CodePrior(nn.Module):
         length: int | None = None,
         cache: bool = True,
         return_logits: bool = False,
+        condition_coordinates: torch.Tensor | None = None,
+        unconditional: torch.Tensor | None = None,
+        unconditional_coordinates: torch.Tensor | None = None,
     ):
         """``n`` token strings [n, T] (T: until every row is a whole item, padded after its
         end); with ``return_logits`` also the (masked, guided, unfiltered) logits [n, T, V] each
-        token was drawn from."""
-        decoding = self.start(n, length, condition, guidance, cache)
+        token was drawn from. The condition options are :class:`Decoding`'s."""
+        decoding = self.start(
+            n,
+            length,
+            condition,
+            guidance,
+            cache,
+            condition_coordinates,
+            unconditional,
+            unconditional_coordinates,
+        )
         steps = []
         while decoding.position < decoding.length and not decoding.complete():
             logits = decoding.next_logits()  # [n, V]
@@ -237,40 +301,84 @@ class CodePrior(nn.Module):
 
 class Decoding:
     """Next-token logits of a batch, one pushed token at a time: the conditional stream
-    ``[BOS, condition]`` and, with ``guidance = s``, the unconditional ``[BOS]``, mixed as
-    ``uncond + s * (cond - uncond)`` (classifier-free guidance) before the layout's mask."""
+    ``[BOS, condition]`` and, with ``guidance = s``, a second stream ``[BOS, unconditional]``
+    (default ``[BOS]``), mixed as ``uncond + s * (cond - uncond)`` (classifier-free guidance)
+    before the layout's mask.
 
-    def __init__(self, prior: CodePrior, batch, length, condition, guidance, cache: bool):
+    ``condition_coordinates`` [Lc, 3] or [B, Lc, 3]: the coordinates of each condition token
+    (its place in its item, 0 for separators), carried by the input before it, as
+    :meth:`CodePrior.sequence_logits` has them; None: all 0 (the inputs of the prefix predict
+    no item token). ``unconditional_coordinates`` are the second stream's.
+    """
+
+    def __init__(
+        self,
+        prior: CodePrior,
+        batch,
+        length,
+        condition,
+        guidance,
+        cache: bool,
+        condition_coordinates=None,
+        unconditional=None,
+        unconditional_coordinates=None,
+    ):
         if guidance is not None and condition is None:
             raise ValueError(
                 "guidance mixes conditional and unconditional logits: give a condition"
             )
+        if guidance is None and unconditional is not None:
+            raise ValueError("an unconditional prefix is the second stream of guidance")
         self.prior, self.length, self.guidance, self.cached = prior, length, guidance, cache
         device = prior.head.weight.device
         self.tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
         self.position = 0
-        prefixes = [prior.prefix(batch, condition, device)]
+        streams = [(condition, condition_coordinates)]
         if guidance is not None:
-            prefixes.append(prior.prefix(batch, None, device))
-        self.prefixes = prefixes
+            streams.append((unconditional, unconditional_coordinates))
+        self.prefixes = [prior.prefix(batch, c, device) for c, _ in streams]
+        self.leads = [
+            self._lead(p, coordinates)
+            for p, (_, coordinates) in zip(self.prefixes, streams, strict=True)
+        ]
         self.caches = [
-            prior.new_cache(batch, p.shape[1] + length) if cache else None for p in prefixes
+            prior.new_cache(batch, p.shape[1] + length) if cache else None for p in self.prefixes
         ]
         with torch.no_grad():  # the prefix's last input predicts item position 0
             self.stream_logits = [
-                prior(p, c, self._coordinates(p.shape[1] - 1))[:, -1]
-                for p, c in zip(prefixes, self.caches, strict=True)
+                prior(p, c, self._coordinates(index))[:, -1]
+                for index, (p, c) in enumerate(zip(self.prefixes, self.caches, strict=True))
             ]
 
-    def _coordinates(self, lead: int, every: bool = False) -> torch.Tensor | None:
-        """Coordinates of ``lead`` prefix inputs, then of the input predicting the current
+    def _lead(self, prefix: torch.Tensor, coordinates) -> torch.Tensor | None:
+        """The coordinates [B, Lc, 3] that the prefix's inputs before the last one carry."""
+        if not self.prior.coordinates:
+            return None
+        batch, lead = prefix.shape[0], prefix.shape[1] - 1
+        if coordinates is None:
+            return torch.zeros(batch, lead, 3, dtype=torch.long, device=prefix.device)
+        coordinates = torch.as_tensor(coordinates, dtype=torch.long, device=prefix.device)
+        if coordinates.dim() == 2:
+            coordinates = coordinates.expand(batch, -1, -1)
+        if coordinates.shape[:2] != (batch, lead) or coordinates.shape[-1] != 3:
+            raise ValueError(
+                f"condition coordinates must be [{lead}, 3] or [{batch}, {lead}, 3] (one row of "
+                f"(row, column, part) per condition token); got {list(coordinates.shape)}"
+            )
+        return coordinates
+
+    def _coordinates(self, stream: int, every: bool = False) -> torch.Tensor | None:
+        """Coordinates of a stream's prefix inputs, then of the input predicting the current
         position (``every``: of the inputs predicting each position so far and the current)."""
         device = self.tokens.device
         if every:
             positions = torch.arange(self.position + 1, device=device)
         else:
             positions = torch.tensor([self.position], device=device)
-        return self.prior.input_coordinates(self.seen, positions, lead)
+        coordinates = self.prior.input_coordinates(self.seen, positions)
+        if coordinates is None:
+            return None
+        return torch.cat([self.leads[stream], coordinates], 1)
 
     @property
     def seen(self) -> torch.Tensor:
@@ -298,16 +406,17 @@ class Decoding:
         if self.position == self.length:
             return
         if self.cached:
-            coordinates = self._coordinates(0)
+            positions = torch.tensor([self.position], device=token.device)
+            coordinates = self.prior.input_coordinates(self.seen, positions)
             self.stream_logits = [
                 self.prior(token[:, None], c, coordinates)[:, -1] for c in self.caches
             ]
         else:
             self.stream_logits = [
-                self.prior(
-                    torch.cat([p, self.seen], 1), None, self._coordinates(p.shape[1] - 1, True)
-                )[:, -1]
-                for p in self.prefixes
+                self.prior(torch.cat([p, self.seen], 1), None, self._coordinates(index, True))[
+                    :, -1
+                ]
+                for index, p in enumerate(self.prefixes)
             ]
 
 

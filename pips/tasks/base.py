@@ -107,6 +107,10 @@ class Task:
         """Read and validate the task's data before a run folder is made; a :class:`TaskError`
         sentence names the bad file or value. (Default: the data is checked when built.)"""
 
+    def depends_on(self) -> dict:
+        """Other runs this run is built on (a prior's tokenizer), for ``run_info.json``."""
+        return {}
+
     def model_description(self) -> str:
         """One phrase for the start-up line and the report: layout and quantizer."""
         model = self.config.model
@@ -220,6 +224,20 @@ class Task:
         """``copies`` versions of every item (the items themselves first), augmented as ``kind``
         says; by default the task has no augmentation and the items come once."""
         return list(items)
+
+    def prior_tasks(self) -> tuple[list, list]:
+        """``prior.context=task``: the training and validation tasks, each ``(task_id, pairs)``
+        with ``pairs`` a list of (input, output) items, the demonstrations in order and one test
+        pair last (a task with several test pairs is one entry per test pair)."""
+        raise TaskError(
+            f"context=task needs a task of pairs (ARC grids); {self.name} items come alone"
+        )
+
+    def augment_tasks(self, tasks: list, copies: int, kind: str, seed: int) -> list:
+        """``copies`` versions of every ``(task_id, pairs)`` task (the tasks themselves
+        first), each version augmented by one draw shared by all of its items; by default the
+        task has no augmentation and the tasks come once."""
+        return list(tasks)
 
     def raw_layout(self, items: list) -> CodeLayout:
         """The layout of the items' own tokens (``prior.tokenizer=raw``)."""

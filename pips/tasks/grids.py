@@ -368,6 +368,32 @@ def grid_records(config, spec: str | None, distinct: bool = True) -> tuple[list[
     return records, note
 
 
+def arc_tasks(records: list[GridRecord]) -> list[tuple[str, list]]:
+    """Every grid of some tasks (``load_grids(..., distinct=False)``, so in task order) ->
+    ``(task_id, pairs)`` per test pair with an output: the demonstration pairs (input, output)
+    in order, that test pair last; ``task_id#k`` for the k-th test pair of a task with several."""
+    tasks: dict[str, dict[str, dict[int, dict[str, np.ndarray]]]] = {}
+    for record in records:
+        subsets = tasks.setdefault(record.task_id, {"train": {}, "test": {}})
+        subsets[record.subset].setdefault(record.pair_index, {})[record.role] = record.grid
+    out = []
+    for task_id, subsets in tasks.items():
+        demonstrations = [
+            (pair["input"], pair["output"])
+            for _, pair in sorted(subsets["train"].items())
+            if "output" in pair
+        ]
+        tests = [
+            (pair["input"], pair["output"])
+            for _, pair in sorted(subsets["test"].items())
+            if "output" in pair
+        ]
+        for index, test in enumerate(tests):
+            name = task_id if len(tests) == 1 else f"{task_id}#{index}"
+            out.append((name, [*demonstrations, test]))
+    return out
+
+
 def record_metadata(records: list[GridRecord]) -> dict[str, np.ndarray]:
     """Where each grid came from (task, subset, pair, role): what writes it back as ARC JSON."""
     return {
@@ -499,6 +525,44 @@ class GridsTask(Task):
                     else identity
                 )
                 out.append(np.ascontiguousarray(colours[dihedral(grid, k)]))
+        return out
+
+    def prior_tasks(self) -> tuple[list, list]:
+        """The tasks of the run's training and validation splits (``grids.source``,
+        ``train_split``, ``val_split``, ``val_fraction``), one ``(task_id, pairs)`` entry per
+        test pair that has an output: the demonstrations in order, then that test pair (a task
+        with several test pairs gives ``task_id#k`` entries). Validation leaves out the tasks
+        also in training (when the splits overlap)."""
+        grids = self.config.grids
+
+        def tasks(split: str) -> list:
+            return arc_tasks(load_grids(grids.source, split, grids.val_fraction, distinct=False))
+
+        train = tasks(grids.train_split)
+        seen = {task_id.split("#")[0] for task_id, _ in train}
+        val = tasks(grids.val_split)
+        return train, [task for task in val if task[0].split("#")[0] not in seen]
+
+    def augment_tasks(self, tasks: list, copies: int, kind: str, seed: int) -> list:
+        """The tasks, then ``copies - 1`` more versions of each: ONE random D4 element
+        (``dihedral``) and ONE colour permutation keeping black (``colours``) per version,
+        applied to every grid of it, so the task's rule holds in the version too."""
+        rng = np.random.default_rng(seed)
+        out = list(tasks)
+        identity = np.arange(NUM_COLOURS)
+        for _ in range(copies - 1):
+            for task_id, pairs in tasks:
+                k = int(rng.integers(8)) if "dihedral" in kind else 0
+                colours = (
+                    random_colour_permutation(rng, self.config.grids.keep_black)
+                    if "colours" in kind
+                    else identity
+                )
+
+                def view(grid, k=k, colours=colours):
+                    return np.ascontiguousarray(colours[dihedral(grid, k)])
+
+                out.append((task_id, [(view(a), view(b)) for a, b in pairs]))
         return out
 
     def raw_layout(self, items: list) -> SpatialLayout:

@@ -282,9 +282,10 @@ def _build_trainer(
     )
 
 
-def write_run_info(run_dir: Path) -> None:
+def write_run_info(run_dir: Path, depends_on: dict | None = None) -> None:
     """``run_info.json``: the PIPS git commit (when it is a checkout), host, command line,
-    Python and package versions. Start and end times are in ``status.json``."""
+    Python and package versions, and the runs this one depends on (a prior's tokenizer). Start
+    and end times are in ``status.json``."""
     import platform
     import subprocess
     from importlib import metadata
@@ -315,6 +316,8 @@ def write_run_info(run_dir: Path) -> None:
         "python": platform.python_version(),
         "packages": versions,
     }
+    if depends_on:
+        info["depends_on"] = depends_on
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
 
 
@@ -538,7 +541,7 @@ def train(
             save_config(config, run_dir / "config.yaml")
             command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n"
             (run_dir / "command.txt").write_text(command)
-            write_run_info(run_dir)
+            write_run_info(run_dir, get_task(config).depends_on())
         except OSError as error:
             raise RunError(
                 f"cannot write in the run folder {run_dir} ({error.strerror or error}); set "
