@@ -105,6 +105,9 @@ def test_a_prior_over_a_tokenizers_codes_adds_the_decoder_part(code_prior, tiny_
     assert len(caches) == 1
     config = (run / "config.yaml").read_text()
     assert str(tokenizer) in config
+    info = json.loads((run / "run_info.json").read_text())["depends_on"]
+    assert Path(info["tokenizer_checkpoint"]).parent.parent == tokenizer.resolve()
+    assert len(info["tokenizer_sha256"]) == 64
     stamp = caches[0].stat().st_mtime_ns
     result = cli("evaluate", run, "--json")
     assert result.exit_code == 0, result.output
@@ -203,3 +206,12 @@ def test_raw_sequences_are_measured_against_the_exact_entropy(cli, tmp_path):
     gssm = GSSM("gssm_sparse")
     vocab = gssm.nodes[gssm.spec.observed].states
     assert summary["uniform_code_bits"] == pytest.approx(16 * np.log2(vocab))
+
+
+def test_the_report_shows_the_codelength_and_fresh_samples(raw_prior, cli):
+    run, _ = raw_prior
+    result = cli("report", run)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    page = (run / "report.html").read_text()
+    assert "Codelength" in page and "xz_bits" in page
+    assert "identical_to_training" in page and "<img" in page.split("Samples")[-1]

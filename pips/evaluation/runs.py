@@ -94,6 +94,7 @@ def run_row(run_dir: Path) -> dict:
     task = config.get("task", "grids")
     headline = TASKS[task].headline if task in TASKS else TASKS["grids"].headline
     metric, label, digits = headline.metric, headline.label, headline.digits
+    learns_codes = TASKS[task].learns_codes if task in TASKS else True
     value = summary.get(metric, _best(series, f"val/{metric}", headline.mode))
     return {
         "name": run_dir.name,
@@ -102,8 +103,8 @@ def run_row(run_dir: Path) -> dict:
         "task": task,
         "result": None if value is None else f"{label} {value:.{digits}f}",
         "headline": metric,
-        "layout": model.get("layout"),
-        "quantizer": quantizer.get("kind"),
+        "layout": model.get("layout") if learns_codes else None,
+        "quantizer": quantizer.get("kind") if learns_codes else None,
         "steps": steps,
         "best_cell_accuracy": _best(series, "val/cell_accuracy"),
         "best_grid_accuracy": _best(series, "val/grid_accuracy"),

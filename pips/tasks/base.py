@@ -84,6 +84,7 @@ class Task:
     probe_targets: ClassVar[tuple[str, ...]] = ()
     takes_data_spec: ClassVar[bool] = False  # True: --data names items of this task
     slotted_layouts: ClassVar[tuple[str, ...]] = ("pooled",)  # layouts whose latents are slots
+    learns_codes: ClassVar[bool] = True  # False: model.* (layout, quantizer) does not apply
 
     def __init__(self, config: Config):
         self.config = config

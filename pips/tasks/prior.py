@@ -68,10 +68,12 @@ final measurement; the module and the task call the same methods whichever conte
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +89,21 @@ from pips.data.arc import spread_evenly
 from pips.models.code_tokens import CodeLayout, layout_from_spec, layout_spec
 from pips.models.prior import CodePrior
 from pips.models.range_coding import decode_codes, encode_codes
-from pips.tasks.base import TASKS, Headline, Task, TaskError, get_task, register_task
-from pips.tasks.checkpoints import CheckpointError, find_checkpoint, load_model
+from pips.tasks.base import (
+    TASKS,
+    Headline,
+    Task,
+    TaskError,
+    get_task,
+    latest_image,
+    register_task,
+)
+from pips.tasks.checkpoints import (
+    CheckpointError,
+    find_checkpoint,
+    load_model,
+    read_json_record,
+)
 from pips.tasks.module import CodeModule
 from pips.tasks.tensors import stateful_loader
 
@@ -1052,6 +1067,7 @@ class PriorModule(CodeModule):
 @register_task
 class PriorTask(Task):
     name = "prior"
+    learns_codes = False  # it models another run's codes (prior.*), model.* does not apply
     unit = "items"
     section = PriorConfig
     headline = Headline("prior_bits", "prior bits", 1, "min")
@@ -1085,6 +1101,25 @@ class PriorTask(Task):
         prior = self.config.prior
         over = "raw tokens" if prior.tokenizer == "raw" else f"codes of {prior.tokenizer}"
         return f"prior: {prior.depth} blocks x {prior.width} over {over}{self.sequences.label}"
+
+    def depends_on(self) -> dict:
+        """The tokenizer run: its folder, the checkpoint whose codes were modelled, and that
+        checkpoint's SHA-256 (a retrained tokenizer is a different one)."""
+        if self.config.prior.tokenizer == "raw":
+            return {}
+        try:
+            checkpoint = find_checkpoint(self.config.prior.tokenizer)
+        except CheckpointError:
+            return {}
+        digest = hashlib.sha256()
+        with open(checkpoint, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        return {
+            "tokenizer": str(Path(self.config.prior.tokenizer).resolve()),
+            "tokenizer_checkpoint": str(checkpoint.resolve()),
+            "tokenizer_sha256": digest.hexdigest(),
+        }
 
     @property
     def slotted(self) -> bool:
@@ -1198,6 +1233,49 @@ class PriorTask(Task):
         files = source.write_samples(items, out)
         return {"samples": count, "unit": source.unit, "files": files, **statistics}
 
+    def report_sections(self, model: CodePrior, run_dir: Path) -> dict[str, str]:
+        """The codelength table (from summary.json, beside the baselines) and 16 fresh
+        samples (seed 0) with what they are like."""
+        summary = read_json_record(Path(run_dir) / "summary.json")
+        rows = [
+            (key, summary.get(key, summary.get(f"val_{key}")))
+            for key in (
+                "codelength_bits",
+                "prior_bits",
+                "decoder_bits",
+                "uniform_code_bits",
+                "zlib_bits",
+                "xz_bits",
+                "order0_bits",
+                "exact_bits",
+                "test_output_bits",
+                "test_output_bits_alone",
+                "solve_rate_greedy",
+                "solve_rate_best_of_k",
+            )
+        ]
+        cells = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in rows if v is not None
+        )
+        table = (
+            f"<table><tr><th>bits per item</th><th></th></tr>{cells}</table>"
+            if cells
+            else "<p>No summary.json yet: the run has not finished.</p>"
+        )
+        try:
+            drawn = self.sample(model, 16, Path(run_dir) / "images" / "report_samples")
+        except TaskError as error:
+            return {"Codelength": table, "Samples": f"<p>{html.escape(str(error))}</p>"}
+        stats = ", ".join(
+            f"{key} {drawn[key]:.3f}"
+            for key in ("well_formed", "identical_to_training", "size_tv", "colour_tv")
+            if key in drawn
+        )
+        pictures = [f for f in drawn["files"] if f.endswith(".png")]
+        sheet = latest_image(Path(pictures[0]).parent, Path(pictures[0]).name) if pictures else ""
+        note = f"<p class='note'>16 samples at temperature 1, seed 0: {html.escape(stats)}.</p>"
+        return {"Codelength": table, "Samples": (sheet or "") + note}
+
     # ------------------------------------------------------------------ a real code
     def compress(self, model: CodePrior, path: Path, out: Path) -> dict:
         """The items of ``path`` (ARC: a task file) as one range-coded bit string: for each
@@ -1265,14 +1343,14 @@ class PriorTask(Task):
         return {"items": len(items), "written": written}
 
 
-STREAM_FORMAT = "pips-prior-stream-1"
-STREAM_MAGIC = b"PIPSRC1\n"
+STREAM_FORMAT = "pips-prior-stream-2"
+STREAM_MAGIC = b"PIPSRC2\n"
 
 
 def write_stream(path: Path, header: dict, words: np.ndarray) -> None:
-    """magic, the header's length (4 bytes, little-endian), the header (UTF-8 JSON), then the
-    range coder's 32-bit words (little-endian); written atomically."""
-    body = json.dumps(header).encode()
+    """magic, the header's length (4 bytes, little-endian), the header (zlib-compressed UTF-8
+    JSON), then the range coder's 32-bit words (little-endian); written atomically."""
+    body = zlib.compress(json.dumps(header).encode(), 9)
     data = STREAM_MAGIC + len(body).to_bytes(4, "little") + body
     data += np.asarray(words, dtype="<u4").tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1291,10 +1369,10 @@ def read_stream(path: Path) -> tuple[dict, np.ndarray]:
     start = len(STREAM_MAGIC) + 4
     size = int.from_bytes(data[len(STREAM_MAGIC) : start], "little")
     try:
-        header = json.loads(data[start : start + size])
+        header = json.loads(zlib.decompress(data[start : start + size]))
         if header.get("format") != STREAM_FORMAT:
             raise ValueError("unknown format")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, zlib.error):
         raise TaskError(f"{path} has a damaged header; compress the file again") from None
     payload = data[start + size :]
     if len(payload) % 4:
