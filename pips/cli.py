@@ -275,7 +275,9 @@ def sample(
     typer.echo(f"{result['samples']} {result['unit']} sampled into {', '.join(result['files'])}")
     for key in ("well_formed", "identical_to_training", "size_tv", "colour_tv"):
         if key in result:
-            typer.echo(f"  {key}: {result[key]:.3f}")
+            reference = result.get(f"{key}_of_training_grids")
+            same = "" if reference is None else f" (as many training grids: {reference:.3f})"
+            typer.echo(f"  {key}: {result[key]:.3f}{same}")
 
 
 @app.command()

@@ -215,3 +215,13 @@ def test_the_report_shows_the_codelength_and_fresh_samples(raw_prior, cli):
     page = (run / "report.html").read_text()
     assert "Codelength" in page and "xz_bits" in page
     assert "identical_to_training" in page and "<img" in page.split("Samples")[-1]
+
+
+def test_a_report_leaves_the_callers_grad_mode_alone(raw_prior):
+    import torch
+
+    from pips.evaluation.report import write_report
+
+    run, _ = raw_prior
+    write_report(run)
+    assert torch.is_grad_enabled()

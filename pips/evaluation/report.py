@@ -50,6 +50,11 @@ def _format(value) -> str:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` (or ``out``) for a run folder; returns its path."""
+    with torch.no_grad():  # not set_grad_enabled(False): the caller's grad mode stays its own
+        return _write_report(Path(run_dir), out)
+
+
+def _write_report(run_dir: Path, out: str | Path | None) -> Path:
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise CheckpointError(
@@ -58,7 +63,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     find_checkpoint(run_dir)  # a run without checkpoints fails here, before any work
     loaded = load_model(run_dir)
     task = get_task(loaded.config)
-    torch.set_grad_enabled(False)
     row = run_row(run_dir)
     summary = read_json_file(run_dir / "summary.json", "the run's final metrics")
 

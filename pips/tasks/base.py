@@ -224,6 +224,11 @@ class Task:
     def augment_items(self, items: list, copies: int, kind: str, seed: int) -> list:
         """``copies`` versions of every item (the items themselves first), augmented as ``kind``
         says; by default the task has no augmentation and the items come once."""
+        if kind == "fresh":
+            raise TaskError(
+                f"prior.augment=fresh draws new items from the process that made them; "
+                f"{self.name} items have none (GSSM sequences do): use another prior.augment"
+            )
         return list(items)
 
     def prior_tasks(self) -> tuple[list, list]:

@@ -107,7 +107,7 @@ from pips.tasks.checkpoints import (
 from pips.tasks.module import CodeModule
 from pips.tasks.tensors import stateful_loader
 
-AUGMENTATIONS = ("none", "dihedral", "colours", "dihedral+colours")
+AUGMENTATIONS = ("none", "dihedral", "colours", "dihedral+colours", "fresh")
 CONTEXTS = ("item", "task")
 MEMORISATION_TASKS = 100  # training tasks whose test pairs `pips evaluate` solves
 
@@ -143,7 +143,8 @@ class PriorConfig:
     )
     augment: str = option(
         "dihedral+colours",
-        "augmentation of the training items before encoding (ARC grids; other items have none)",
+        "augmentation of the training items before encoding: ARC grids dihedral and/or colours; "
+        "fresh: new draws of the process that made the items (GSSM sequences)",
         AUGMENTATIONS,
     )
     augment_copies: int = option(

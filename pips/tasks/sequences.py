@@ -177,6 +177,22 @@ class SequencesTask(TensorTask):
         rows = list(np.asarray(train["observations"], dtype=np.int64))
         return rows[:limit] if limit else rows, list(np.asarray(val["observations"], np.int64))
 
+    def augment_items(self, items: list, copies: int, kind: str, seed: int) -> list:
+        """``fresh``: the training sequences, then ``copies - 1`` times as many new draws of
+        the same process (seeded apart from the training and validation draws); other kinds
+        leave sequences as they are."""
+        if kind != "fresh" or copies < 2:
+            return list(items)
+        if getattr(self, "_gssm", None) is None:
+            raise TaskError(
+                "prior.augment=fresh draws new sequences from their GSSM; these sequences come "
+                "from files: use prior.augment=none"
+            )
+        extra = self._gssm.sample(
+            (copies - 1) * len(items), len(items[0]), seed=1_000_003 + 2 * seed
+        )["observations"]
+        return list(items) + list(np.asarray(extra, dtype=np.int64))
+
     def raw_layout(self, items: list) -> PooledLayout:
         """The observations themselves, one token each."""
         lengths = {len(item) for item in items}
