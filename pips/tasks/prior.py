@@ -71,8 +71,6 @@ import hashlib
 import html
 import json
 import math
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +96,7 @@ from pips.tasks.base import (
     latest_image,
     register_task,
 )
+from pips.tasks.checkpoint_io import atomic_write, file_sha256
 from pips.tasks.checkpoints import (
     CheckpointError,
     find_checkpoint,
@@ -180,15 +179,7 @@ class PriorConfig:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(handle)
-    try:
-        np.savez(temporary, **arrays)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def _flatten(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -280,12 +271,9 @@ class Tokenizer:
         return [item for row in rows for item in self.items_or_none(layout, [row])]
 
     def cache_key(self, copies: int, augment: str, seed: int, extra: tuple = ()) -> str:
-        digest = hashlib.sha256()
-        with open(self.checkpoint, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
         settings = json.dumps(
             [
+                file_sha256(self.checkpoint),
                 copies,
                 augment,
                 seed,
@@ -295,8 +283,7 @@ class Tokenizer:
                 *extra,
             ]
         )
-        digest.update(settings.encode())
-        return digest.hexdigest()[:20]
+        return hashlib.sha256(settings.encode()).hexdigest()[:20]
 
 
 class PriorData(L.LightningDataModule):
@@ -1112,14 +1099,10 @@ class PriorTask(Task):
             checkpoint = find_checkpoint(self.config.prior.tokenizer)
         except CheckpointError:
             return {}
-        digest = hashlib.sha256()
-        with open(checkpoint, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
         return {
             "tokenizer": str(Path(self.config.prior.tokenizer).resolve()),
             "tokenizer_checkpoint": str(checkpoint.resolve()),
-            "tokenizer_sha256": digest.hexdigest(),
+            "tokenizer_sha256": file_sha256(checkpoint),
         }
 
     @property
@@ -1354,10 +1337,7 @@ def write_stream(path: Path, header: dict, words: np.ndarray) -> None:
     body = zlib.compress(json.dumps(header).encode(), 9)
     data = STREAM_MAGIC + len(body).to_bytes(4, "little") + body
     data += np.asarray(words, dtype="<u4").tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def read_stream(path: Path) -> tuple[dict, np.ndarray]:

@@ -133,6 +133,9 @@ class SequencesTask(TensorTask):
     ]
     data_class = SequenceDataModule
     shape_key = "sequence_shape"
+    # set by prior_items: the process and the validation draw (kernels included) it sampled
+    _gssm: GSSM | None = None
+    _val: dict | None = None
 
     def new_model(self, shape) -> SequenceAutoencoder:
         vocab, length = shape
@@ -183,7 +186,7 @@ class SequencesTask(TensorTask):
         leave sequences as they are."""
         if kind != "fresh" or copies < 2:
             return list(items)
-        if getattr(self, "_gssm", None) is None:
+        if self._gssm is None:
             raise TaskError(
                 "prior.augment=fresh draws new sequences from their GSSM; these sequences come "
                 "from files: use prior.augment=none"
@@ -215,7 +218,7 @@ class SequencesTask(TensorTask):
         data = [np.asarray(item, dtype=np.uint8).tobytes() for item in items]
         symbols = [np.asarray(item) for item in items]
         values = compressor_baselines(data, symbols, separator=b"")  # one length: no framing
-        val = getattr(self, "_val", None)
+        val = self._val
         if self._gssm is not None and val is not None and len(items) <= len(val["observations"]):
             observations = np.asarray(val["observations"])[: len(items)]
             if np.array_equal(observations, np.stack(items)):
