@@ -227,24 +227,47 @@ def decode(
 @app.command()
 def generate(
     run: Path = RUN_OR_CHECKPOINT,
-    text: str = typer.Option(..., "--text", help="the text to encode to codes and decode back"),
+    text: str = typer.Option(None, "--text", help="the text to encode to codes and decode back"),
+    codes: Path = typer.Option(None, "--codes", help="a codes file (pips encode) to decode"),
+    interpolate: tuple[str, str] | None = typer.Option(
+        None, "--interpolate", help="two texts: decode points between their latents"
+    ),
+    steps: int = typer.Option(5, "--steps", help="--interpolate: points, both ends included"),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy", min=0),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass", min=0, max=1),
     seed: int = typer.Option(0, "--seed", help="seeds the sampling"),
     last: bool = LAST_OPTION,
 ) -> None:
-    """Text runs: the text's spans encoded to codes and decoded back from the codes alone.
+    """Text runs: text encoded to codes and decoded back from the codes alone (--text), given
+    codes decoded (--codes), or a walk between two texts' Gaussian latents (--interpolate).
 
     Example: pips generate runs/text --text "The capital of France is Paris."
     """
     from pips.evaluation.commands import generate_text
 
+    given = [value for value in (text, codes, interpolate) if value is not None]
+    if len(given) != 1:
+        _fail('give one of --text, --codes or --interpolate "A" "B"')
     try:
-        result = generate_text(run, text, temperature, top_p, seed, "last" if last else "best")
+        result = generate_text(
+            run,
+            text,
+            temperature,
+            top_p,
+            seed,
+            "last" if last else "best",
+            codes=codes,
+            interpolate=interpolate,
+            steps=steps,
+        )
     except _checkpoint_errors() as error:
         _fail(str(error))
-    for piece, decoded in result["pieces"]:
+    for piece, decoded in result.get("pieces", []):
         typer.echo(f"text:    {piece!r}\ndecoded: {decoded!r}")
+    for number, decoded in enumerate(result.get("decoded", [])):
+        typer.echo(f"span {number}: {decoded!r}")
+    for t, decoded in result.get("interpolation", []):
+        typer.echo(f"t={t:.2f}: {decoded!r}")
 
 
 @app.command()

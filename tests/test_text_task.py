@@ -133,6 +133,20 @@ def test_the_text_task_trains_resumes_and_evaluates_through_the_runner(tiny_lm, 
     assert invoke("encode", tmp_path / "straight", "--out", codes).exit_code == 0
     decoded = invoke("decode", tmp_path / "straight", codes, "--out", tmp_path / "spans.npz")
     assert decoded.exit_code == 0, decoded.output
+    as_text = invoke("decode", tmp_path / "straight", codes, "--out", tmp_path / "spans.jsonl")
+    assert as_text.exit_code == 0, as_text.output
+    lines = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
+    assert len(lines) == 16 and all(isinstance(line["text"], str) for line in lines)
+    from_codes = invoke("generate", tmp_path / "straight", "--codes", codes)
+    assert from_codes.exit_code == 0, from_codes.output
+    assert from_codes.output.count("span ") == 16
+    # the greedy decoding of a span's codes is what decode writes for it
+    first = from_codes.output.splitlines()[0].split(": ", 1)[1]
+    assert first == repr(lines[0]["text"])
+    neither = invoke("generate", tmp_path / "straight")
+    assert neither.exit_code == 2 and "--codes" in neither.output
+    walk = invoke("generate", tmp_path / "straight", "--interpolate", "abc", "def")
+    assert walk.exit_code == 2 and "gaussian" in walk.output  # discrete codes: no walk
 
 
 def test_a_missing_lm_folder_is_one_sentence(tmp_path):
@@ -149,3 +163,51 @@ def test_overlap_mode_and_a_gaussian_latent_train_through_the_runner(tiny_lm, tm
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
     assert summary["capacity_bits"] > 0  # a Gaussian's capacity is its KL
     assert "codes_bits_carried" in summary
+    walk = invoke("generate", tmp_path / "g", "--interpolate", "abc", "xyz", "--steps", "3")
+    assert walk.exit_code == 2 and "overlap" in walk.output  # spans decoded alone only
+    arguments = [a for a in arguments if a != "text.mode=overlap"]
+    assert invoke("train", *arguments, f"run_root={tmp_path}", "name=h").exit_code == 0
+    walk = invoke("generate", tmp_path / "h", "--interpolate", "abc", "xyz", "--steps", "3")
+    assert walk.exit_code == 0, walk.output
+    assert [line.split(":")[0] for line in walk.output.splitlines()] == [
+        "t=0.00",
+        "t=0.50",
+        "t=1.00",
+    ]
+
+
+def test_a_prior_over_text_codes_reports_bits_per_span_beside_the_lms_own(tiny_lm, tmp_path):
+    root = f"run_root={tmp_path}"
+    assert invoke("train", *common(tiny_lm), root, "name=vae").exit_code == 0
+    prior = [
+        "task=prior",
+        f"prior.tokenizer={tmp_path / 'vae'}",
+        "prior.width=32",
+        "prior.depth=1",
+        "prior.heads=2",
+        "data.batch_size=8",
+        "data.max_final_val_samples=16",
+        "trainer.max_steps=4",
+        "trainer.val_every=2",
+        "trainer.progress=false",
+        "trainer.threads=1",
+    ]
+    result = invoke("train", *prior, root, "name=prior")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "prior" / "summary.json").read_text())
+    # a two-part code: the prior's bits for the codes plus the decoder's for the span given them
+    assert summary["codelength_bits"] == pytest.approx(
+        summary["prior_bits"] + summary["decoder_bits"], rel=1e-6
+    )
+    assert 0 < summary["prior_bits"] and summary["uniform_code_bits"] == pytest.approx(
+        4 * math.log2(1000)  # 4 slots of 1,000 FSQ codes
+    )
+    # the frozen LM on the same 16 spans, as the validation of the VAE measured it
+    vae = json.loads((tmp_path / "vae" / "summary.json").read_text())
+    assert summary["val_lm_bits"] == pytest.approx(vae["lm_nll_bits"], rel=1e-3)
+    for key in ("zlib_bits", "xz_bits", "order0_bits"):
+        assert summary[f"val_{key}"] > 0
+    sampled = invoke("sample", tmp_path / "prior", "-n", "3", "--out", tmp_path / "samples")
+    assert sampled.exit_code == 0, sampled.output
+    lines = (tmp_path / "samples" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all("text" in json.loads(line) for line in lines)

@@ -19,6 +19,7 @@ from pips.config import ModelConfig, QuantizerConfig  # noqa: E402
 from pips.models.text_vae import (  # noqa: E402
     GaussianLatent,
     LMError,
+    RunningStandardize,
     TextVAE,
     load_causal_lm,
     load_tokenizer,
@@ -67,8 +68,12 @@ def spans(batch: int = 3, length: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_shapes_of_the_forward_pass_and_of_generation():
-    vae = tiny_vae()
+INJECTIONS = pytest.mark.parametrize("inject", ["prefix", "memory"])
+
+
+@INJECTIONS
+def test_shapes_of_the_forward_pass_and_of_generation(inject):
+    vae = tiny_vae(inject=inject)
     tokens = spans()
     output = vae(tokens)
     assert output.token_logits.shape == (3, 12, 256)
@@ -81,12 +86,59 @@ def test_shapes_of_the_forward_pass_and_of_generation():
     assert generated.shape == (3, 7) and generated.dtype == torch.long
 
 
-def test_greedy_generation_with_the_kv_cache_matches_teacher_forcing():
-    vae = tiny_vae().eval()
+@INJECTIONS
+def test_greedy_generation_with_the_kv_cache_matches_teacher_forcing(inject):
+    vae = tiny_vae(inject=inject).eval()
     quantized = vae.encode(spans()).quantizer.quantized
     generated = vae.generate(quantized, 6)
     logits = vae.decode(quantized, generated)  # teacher-forced on what was generated
     assert torch.equal(logits.argmax(-1), generated)
+    context = spans(3, 5, seed=2)
+    generated = vae.generate(quantized, 6, context)
+    assert torch.equal(vae.decode(quantized, generated, context).argmax(-1), generated)
+
+
+def test_memory_injection_is_one_key_and_value_per_layer_head_and_slot_at_the_lms_scale():
+    vae = tiny_vae(inject="memory")
+    quantized = vae.encode(spans()).quantizer.quantized  # [3, 4 slots, D]
+    cache = vae.memory(quantized, vae.slot_embedding)
+    config = vae.lm.get_base_model().config
+    assert len(cache.layers) == config.num_hidden_layers
+    head_dim = config.hidden_size // config.num_attention_heads
+    for layer, key_gain in zip(cache.layers, vae.memory.key_gain, strict=True):
+        assert layer.keys.shape == (3, config.num_key_value_heads, 4, head_dim)
+        rms = layer.keys.pow(2).mean(-1).sqrt()  # each key vector at its layer's gain
+        torch.testing.assert_close(rms, torch.full_like(rms, key_gain.item()), rtol=1e-3, atol=1e-4)
+    # the gains start at the RMS of the LM's own keys and values, measured on real tokens
+    with torch.no_grad():
+        own = vae.lm.get_base_model().model(input_ids=spans(1, 32), use_cache=True).cache
+    for layer, key_gain, value_gain in zip(
+        own.layers, vae.memory.key_gain, vae.memory.value_gain, strict=True
+    ):
+        assert 0.5 < key_gain.item() / float(layer.keys.pow(2).mean().sqrt()) < 2
+        assert 0.5 < value_gain.item() / float(layer.values.pow(2).mean().sqrt()) < 2
+    # without a latent the memory decoder is the LM after BOS, as base_logits
+    tokens = spans()
+    with vae.lm.disable_adapter():
+        torch.testing.assert_close(vae.decode(None, tokens), vae.base_logits(tokens))
+
+
+def test_a_frozen_decoder_adapter_gets_no_gradient_and_thaws():
+    vae = tiny_vae(inject="memory")
+    vae.freeze_decoder(True)
+    tokens = spans()
+    output = vae(tokens)
+    F.cross_entropy(output.token_logits.flatten(0, 1), tokens.flatten()).backward()
+    decoder = {id(p) for p in vae.decoder_adapter_parameters()}
+    assert decoder and all(p.grad is None for p in vae.decoder_adapter_parameters())
+    encoder = [p for p in vae.adapter_parameters if id(p) not in decoder]
+    assert any(p.grad is not None for p in encoder)  # the encoder's adapter still learns
+    assert vae.memory.out.weight.grad.abs().sum() > 0
+    vae.freeze_decoder(False)
+    vae.zero_grad()
+    output = vae(tokens)
+    F.cross_entropy(output.token_logits.flatten(0, 1), tokens.flatten()).backward()
+    assert all(p.grad is not None for p in vae.decoder_adapter_parameters())
 
 
 def test_only_adapters_pooling_and_head_get_gradients_and_the_base_does_not_move():
@@ -150,8 +202,9 @@ def test_the_state_dict_holds_no_base_weights_and_loads_into_a_fresh_model():
     torch.testing.assert_close(fresh(tokens).token_logits, vae(tokens).token_logits)
 
 
-def test_a_tiny_vae_overfits_two_spans_far_below_the_loss_without_latent():
-    vae = tiny_vae(seed=3)
+@INJECTIONS
+def test_a_tiny_vae_overfits_two_spans_far_below_the_loss_without_latent(inject):
+    vae = tiny_vae(seed=3, inject=inject)
     tokens = spans(2, 12, seed=5)
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(150):
@@ -229,3 +282,34 @@ def test_smollm2_from_the_package_completes_the_capital_of_france():
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = lm.generate(ids, max_new_tokens=2, do_sample=False)
     assert tokenizer.decode(out[0, ids.shape[1] :]).startswith(" Paris")
+
+
+def test_running_standardisation_follows_a_slow_reference_and_undoes_a_collapse():
+    norm = RunningStandardize(3, momentum=0.25).train()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 5, 3, generator=generator) * 2 + 1 for _ in range(3)]
+    mean, var = None, None
+    for x in batches:  # the reference: the first batch sets the statistics, then lerp by 0.25
+        flat = x.reshape(-1, 3)
+        batch_mean, batch_var = flat.mean(0), flat.var(0, unbiased=False)
+        mean = batch_mean if mean is None else mean + 0.25 * (batch_mean - mean)
+        var = batch_var if var is None else var + 0.25 * (batch_var - var)
+        torch.testing.assert_close(norm(x), (x - mean) / torch.sqrt(var + 1e-5))
+    norm.eval()  # eval: the stored statistics, not the batch's, and they stay put
+    x = torch.randn(2, 5, 3, generator=generator)
+    torch.testing.assert_close(norm(x), (x - mean) / torch.sqrt(var + 1e-5))
+    torch.testing.assert_close(norm.mean, mean)
+    # one span's latent does not depend on the others in its batch (unlike batch norm)
+    torch.testing.assert_close(norm(x[:1]), norm(x)[:1])
+    # an encoder that collapsed to nearly one latent still gives spread values after a while
+    collapsed = RunningStandardize(3, momentum=0.5).train()
+    for _ in range(30):
+        out = collapsed(0.7 + 1e-2 * torch.randn(16, 3, generator=generator))
+    assert 0.5 < float(out.std(0).mean()) < 2.0
+
+
+def test_a_text_vae_with_latent_norm_gives_spread_codes_at_init():
+    vae = tiny_vae(latent_norm=True).train()
+    tokens = spans(8, 12, seed=4)
+    latents = vae.encode(tokens).latents
+    assert latents.std(0).mean() > 0.5  # standardised over the batch and slots

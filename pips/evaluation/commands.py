@@ -92,17 +92,31 @@ def decode_to_file(
 
 def generate_text(
     path: str | Path,
-    text: str,
+    text: str | None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
     which: str = "best",
+    codes: str | Path | None = None,
+    interpolate: tuple[str, str] | None = None,
+    steps: int = 5,
 ) -> dict:
-    """A text run: ``text`` encoded to codes and decoded back, piece by piece."""
+    """A text run: ``text`` encoded to codes and decoded back piece by piece (``pieces``), a
+    codes file decoded (``decoded``), or ``steps`` points between two texts' Gaussian latents
+    (``interpolation``)."""
     loaded = load_model(path, which)
     task = get_task(loaded.config)
-    pairs = task.generate(loaded.model, text, temperature, top_p, seed)
-    return {"checkpoint": str(loaded.checkpoint), "pieces": pairs}
+    result = {"checkpoint": str(loaded.checkpoint)}
+    if codes is not None:
+        arrays, _ = load_codes(codes)
+        result["decoded"] = task.generate_from_codes(loaded.model, arrays, temperature, top_p, seed)
+    elif interpolate is not None:
+        result["interpolation"] = task.interpolate(
+            loaded.model, *interpolate, steps, temperature, top_p, seed
+        )
+    else:
+        result["pieces"] = task.generate(loaded.model, text, temperature, top_p, seed)
+    return result
 
 
 def sample_run(

@@ -9,9 +9,14 @@ One base LM is shared by both halves; two named LoRA adapters (peft), ``encoder`
   ``model.width``, then ``model.num_latents`` learned queries pool them (PIPS's LatentPooling),
   a linear map gives each slot's latent, and a PIPS quantizer (``model.quantizer``) or a
   fixed-variance Gaussian (:class:`GaussianLatent`) is the bottleneck.
-- Decoder: each slot's latent is projected to the LM's embedding space as one prefix embedding
-  before the span's token embeddings (after optional plain context tokens: the overlap mode);
-  the ``decoder`` adapter predicts the span teacher-forced.
+- Decoder, ``inject``: ``prefix`` projects each slot's latent to the LM's embedding space as one
+  prefix embedding before the span's token embeddings; ``memory`` (Optimus's and AdaVAE's
+  injection) maps each slot to one key and value per layer and KV head (:class:`LatentMemory`),
+  handed to the LM as its cache, so every layer attends to the latent directly while the span
+  starts after BOS as the LM expects. Optional plain context tokens come before the span (the
+  overlap mode); the ``decoder`` adapter predicts the span teacher-forced. ``freeze_decoder``
+  holds the decoder adapter at its initial zero update (a latent-first phase: only the latent can
+  lower the loss).
 
 Shapes: span tokens ``[B, T]``, context ``[B, C]``, logits ``[B, T, V]``, ``N`` slots.
 """
@@ -130,6 +135,82 @@ class GaussianLatent(nn.Module):
         raise NotImplementedError("a Gaussian latent has no codes; decode its vectors instead")
 
 
+class RunningStandardize(nn.Module):
+    """Each channel of ``x [..., D]`` minus its running mean, over its running standard
+    deviation. While training, the statistics first move towards the batch's (over every
+    leading axis, ``momentum`` per step, no gradient through them), so a channel that shrinks
+    towards one constant is scaled back up: a collapsed encoder still gives spread latents. Unlike
+    batch normalisation, an item's latent does not depend on the rest of its batch."""
+
+    def __init__(self, dim: int, momentum: float = 0.05, eps: float = 1e-5):
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                flat = x.detach().float().reshape(-1, x.shape[-1])
+                mean, var = flat.mean(0), flat.var(0, unbiased=False)
+                rate = self.momentum if bool(self.started) else 1.0  # the first batch sets them
+                self.mean.lerp_(mean, rate)
+                self.var.lerp_(var, rate)
+                self.started.fill_(True)
+        return (x - self.mean.to(x.dtype)) * torch.rsqrt(self.var.to(x.dtype) + self.eps)
+
+
+class LatentMemory(nn.Module):
+    """Slot latents ``[B, N, D]`` -> one key and value per layer, KV head and slot: the LM's cache
+    of ``N`` memory positions that every later token attends to (Optimus's memory injection).
+    Each key and value vector is RMS-normalised and scaled by a learned gain per layer that starts
+    at the RMS of the LM's own keys and values (``key_rms``, ``value_rms``: ``[layers]``), so the
+    memory starts at the scale the attention is used to."""
+
+    def __init__(self, code_dim: int, config, key_rms: torch.Tensor, value_rms: torch.Tensor):
+        super().__init__()
+        hidden = config.hidden_size
+        self.layers = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        self.config = config
+        self.inp = nn.Linear(code_dim, hidden)
+        self.out = nn.Linear(hidden, self.layers * 2 * self.kv_heads * self.head_dim)
+        self.key_gain = nn.Parameter(key_rms.clone().float())
+        self.value_gain = nn.Parameter(value_rms.clone().float())
+
+    def forward(self, latents: torch.Tensor, slot_embedding: torch.Tensor):
+        """A transformers ``DynamicCache`` holding keys/values ``[B, kv_heads, N, head_dim]``
+        per layer; gradients flow through it."""
+        from transformers import DynamicCache
+
+        batch, count = latents.shape[:2]
+        h = nn.functional.gelu(self.inp(latents) + slot_embedding)  # [B, N, H]
+        kv = self.out(h).view(batch, count, self.layers, 2, self.kv_heads, self.head_dim)
+        kv = nn.functional.rms_norm(kv, (self.head_dim,))
+        kv = kv.permute(2, 3, 0, 4, 1, 5)  # [layers, 2, B, kv_heads, N, head_dim]
+        keys = kv[:, 0] * self.key_gain.to(kv.dtype)[:, None, None, None, None]
+        values = kv[:, 1] * self.value_gain.to(kv.dtype)[:, None, None, None, None]
+        return DynamicCache(
+            list(zip(keys.unbind(0), values.unbind(0), strict=True)), config=self.config
+        )
+
+
+@torch.no_grad()
+def kv_rms(lm: nn.Module, length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RMS of the LM's own keys and values per layer ``([layers], [layers])`` over a fixed
+    sequence of token ids: the scale :class:`LatentMemory` starts at."""
+    vocab = lm.config.vocab_size
+    device = next(lm.parameters()).device
+    ids = (torch.arange(length, device=device) * 7919 + 11) % vocab
+    cache = lm.model(input_ids=ids[None], use_cache=True).cache
+    keys = torch.stack([layer.keys.float().pow(2).mean().sqrt() for layer in cache.layers])
+    values = torch.stack([layer.values.float().pow(2).mean().sqrt() for layer in cache.layers])
+    return keys.cpu(), values.cpu()
+
+
 class TextVAEOutput(NamedTuple):
     token_logits: torch.Tensor  # [B, T, V] predictions of the span's tokens
     encoded: Encoded  # latents [B, N, D], quantizer output, positions [B, N, 2], padding [B, N]
@@ -148,15 +229,22 @@ class TextVAE(nn.Module):
         free_bits: float = 0.0,
         word_dropout: float = 0.0,
         prefix_scale: bool = False,
+        inject: str = "prefix",
+        latent_norm: bool = False,
     ):
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
         if latent not in ("codes", "gaussian"):
             raise ValueError(f"latent must be codes or gaussian; got {latent!r}")
+        if inject not in ("prefix", "memory"):
+            raise ValueError(f"inject must be prefix or memory; got {inject!r}")
         self.config = model
         self.latent = latent
+        self.inject = inject
+        self.decoder_frozen = False
         lm.requires_grad_(False)
+        memory_scale = kv_rms(lm) if inject == "memory" else None
         lm.train()  # from_pretrained leaves it in eval mode; the module's mode is the VAE's
         lora = LoraConfig(
             r=lora_rank,
@@ -187,7 +275,14 @@ class TextVAE(nn.Module):
         self.pooling = build_pooling(model)
         code_dim = quantizer_dim(model.quantizer, width)
         self.to_latent = nn.Linear(width, code_dim)
-        self.to_prefix = nn.Linear(code_dim, hidden)
+        # each latent channel standardised by running statistics (as BN-VAE, Zhu et al. 2020,
+        # but without the batch's own noise), so the encoder cannot collapse to one constant
+        # latent (a learned prompt) for every span
+        self.latent_norm = RunningStandardize(code_dim) if latent_norm else None
+        if inject == "memory":
+            self.memory = LatentMemory(code_dim, lm.config, *memory_scale)
+        else:
+            self.to_prefix = nn.Linear(code_dim, hidden)
         self.slot_embedding = nn.Parameter(torch.randn(model.num_latents, hidden) * 0.02)
         if latent == "gaussian":
             self.quantizer = GaussianLatent(code_dim, free_bits)
@@ -208,6 +303,19 @@ class TextVAE(nn.Module):
         self.lm.set_adapter(name)
         for parameter in self.adapter_parameters:
             parameter.requires_grad_(True)
+        if self.decoder_frozen:
+            for parameter in self.decoder_adapter_parameters():
+                parameter.requires_grad_(False)
+
+    def decoder_adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.lm.named_parameters() if "lora_" in n and ".decoder." in n]
+
+    def freeze_decoder(self, frozen: bool) -> None:
+        """Hold the decoder adapter where it is (a latent-first phase: its LoRA update starts at
+        zero, so while frozen the decoder is the base LM reading the latent)."""
+        self.decoder_frozen = frozen
+        for parameter in self.decoder_adapter_parameters():
+            parameter.requires_grad_(not frozen)
 
     def trainable_share(self) -> tuple[int, int]:
         """(trainable parameters, all parameters): adapters, pooling and head against the rest."""
@@ -253,6 +361,8 @@ class TextVAE(nn.Module):
         padding = torch.zeros(batch, length, dtype=torch.bool, device=tokens.device)
         pooled = self.pooling(h, rope, padding)  # [B, N, width]
         latents = self.to_latent(pooled)  # [B, N, D]
+        if self.latent_norm is not None:
+            latents = self.latent_norm(latents)
         quantized = self.quantizer(latents, **values)
         count = latents.shape[1]
         positions = torch.zeros(batch, count, 2, dtype=torch.long, device=tokens.device)
@@ -267,6 +377,22 @@ class TextVAE(nn.Module):
             prefix = nn.functional.rms_norm(prefix, prefix.shape[-1:]) * self.prefix_rms
         return prefix
 
+    def decoder_start(self, quantized: torch.Tensor | None, context: torch.Tensor | None, like):
+        """What the decoder reads before the span: (embeddings ``[B, S, H]``, cache or None).
+        Prefix injection: the slots' prefix embeddings, then the context; memory injection (and
+        no latent): BOS, then the context, with the memory (None: nothing) as the LM's cache."""
+        embed = self.backbone.embed_tokens
+        cache = None
+        if quantized is not None and self.inject == "prefix":
+            parts = [self.prefix(quantized)]
+        else:
+            parts = [embed(torch.full_like(like[:, :1], self.bos_token_id))]
+            if quantized is not None:
+                cache = self.memory(quantized, self.slot_embedding)
+        if context is not None:
+            parts.append(embed(context))
+        return torch.cat(parts, 1), cache
+
     def decode(
         self,
         quantized: torch.Tensor | None,
@@ -277,22 +403,15 @@ class TextVAE(nn.Module):
         latents ``[B, N, D]`` (None: no latent, the first token follows BOS) after optional
         plain ``context`` tokens ``[B, C]``."""
         self.use_adapter("decoder")
-        embed = self.backbone.embed_tokens
-        parts = []
-        if quantized is not None:
-            parts.append(self.prefix(quantized))
-        else:
-            parts.append(embed(torch.full_like(tokens[:, :1], self.bos_token_id)))
-        if context is not None:
-            parts.append(embed(context))
-        start = sum(part.shape[1] for part in parts) - 1  # the position that predicts token 0
+        start_embeddings, cache = self.decoder_start(quantized, context, tokens)
+        start = start_embeddings.shape[1] - 1  # the position that predicts token 0
         inputs = tokens[:, :-1]
         if self.training and self.word_dropout > 0:  # the decoder must lean on the latent
             dropped = torch.rand(inputs.shape, device=inputs.device) < self.word_dropout
             inputs = inputs.masked_fill(dropped, self.dropped_token_id)
-        parts.append(embed(inputs))
-        h = self.hidden_states(None, bidirectional=False, embeddings=torch.cat(parts, 1))
-        return self.lm.get_output_embeddings()(h[:, start:])  # [B, T, V]
+        embeddings = torch.cat([start_embeddings, self.backbone.embed_tokens(inputs)], 1)
+        h = self.backbone(inputs_embeds=embeddings, cache=cache, use_cache=cache is not None)
+        return self.lm.get_output_embeddings()(h.last_hidden_state[:, start:])  # [B, T, V]
 
     def forward(
         self, tokens: torch.Tensor, context: torch.Tensor | None = None, **values: float
@@ -328,13 +447,11 @@ class TextVAE(nn.Module):
         greedy (temperature 0) or sampled (temperature, nucleus top-p)."""
         self.use_adapter("decoder")
         embed, head = self.backbone.embed_tokens, self.lm.get_output_embeddings()
-        inputs = self.prefix(quantized)
-        if context is not None:
-            inputs = torch.cat([inputs, embed(context)], 1)
-        past, out = None, []
+        inputs, cache = self.decoder_start(quantized, context, quantized[..., 0].long())
+        out = []
         for _ in range(length):
-            step = self.backbone(inputs_embeds=inputs, past_key_values=past, use_cache=True)
-            past = step.past_key_values
+            step = self.backbone(inputs_embeds=inputs, cache=cache, use_cache=True)
+            cache = step.cache
             logits = head(step.last_hidden_state[:, -1]).float()  # [B, V]
             token = sample(logits, temperature, top_p, generator)  # [B]
             out.append(token)

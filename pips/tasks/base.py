@@ -184,6 +184,14 @@ class Task:
         """``text`` encoded to codes and decoded back, piece by piece: (piece, reconstruction)."""
         raise TaskError(f"pips generate needs a text run; this is a {self.name} run")
 
+    def generate_from_codes(self, model: torch.nn.Module, codes: list, *settings) -> list[str]:
+        """Each code array of a codes file decoded to text."""
+        raise TaskError(f"pips generate needs a text run; this is a {self.name} run")
+
+    def interpolate(self, model: torch.nn.Module, first: str, second: str, *settings) -> list:
+        """(t, text) at points between two texts' latents."""
+        raise TaskError(f"pips generate needs a text run; this is a {self.name} run")
+
     def sample(self, model: torch.nn.Module, count: int, out: Path, **settings) -> dict:
         """Draw ``count`` items from a prior run and write them into ``out``."""
         raise TaskError(

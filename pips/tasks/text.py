@@ -10,8 +10,10 @@ exact-token accuracy of the teacher-forced decoder with its own codes.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,12 +21,15 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from pips.config import option
+from pips.data.compressors import compressor_baselines
 from pips.data.text import TEXT_SOURCES, cut_spans, load_documents, token_ids
 from pips.models.build import build_quantizer, quantizer_dim
+from pips.models.code_tokens import IndexSplit, PooledLayout
 from pips.models.text_vae import LMError, TextVAE, load_causal_lm, load_tokenizer
 from pips.quantizers.base import SCHEDULE_VALUES
 from pips.schedules import Schedule
-from pips.tasks.base import Headline, TaskError, register_task
+from pips.tasks.base import Headline, TaskError, output_file, register_task
+from pips.tasks.checkpoint_io import atomic_write
 from pips.tasks.tensors import AutoencoderModule, TensorDataModule, TensorTask
 
 
@@ -62,6 +67,23 @@ class TextConfig:
     )
     prefix_scale: bool = option(
         False, "prefix embeddings RMS-normalised to the scale of the LM's token embeddings"
+    )
+    inject: str = option(
+        "prefix",
+        "how the decoder reads the latent: prefix (one input embedding per slot before the span) "
+        "or memory (one key and value per slot in every layer's attention, Optimus's injection)",
+        ("prefix", "memory"),
+    )
+    decoder_warmup: int = option(
+        0,
+        "latent first: for this many steps the decoder adapter does not train, so only the "
+        "latent can lower the loss before the adapter may model the corpus",
+        min=0,
+    )
+    latent_norm: bool = option(
+        False,
+        "standardise each latent channel over the batch and slots before the bottleneck "
+        "(BN-VAE), so the encoder cannot give every span the same latent",
     )
     lora_rank: int = option(16, "LoRA rank of both adapters", min=1)
     lora_alpha: float | None = option(None, "LoRA alpha (None: the rank)", min=0)
@@ -187,6 +209,7 @@ class TextModule(AutoencoderModule):
             print(f"text VAE: {self.model.describe_trainable()}")
 
     def step_output(self, batch: TextBatch, values: dict[str, float]):
+        self.model.freeze_decoder(self.global_step < self.config.text.decoder_warmup)
         return self(batch, **values)
 
     def latent_loss_weight(self, step: int, values: dict[str, float]) -> tuple[str, float]:
@@ -255,6 +278,8 @@ class TextTask(TensorTask):
             text.free_bits,
             text.word_dropout,
             text.prefix_scale,
+            text.inject,
+            text.latent_norm,
         )
 
     def inputs(self, batch: TextBatch) -> torch.Tensor:
@@ -312,17 +337,10 @@ class TextTask(TensorTask):
     def generate(self, model, text, temperature=0.0, top_p=1.0, seed=0):
         """``text`` cut into spans of ``text.span_tokens`` tokens (the last may be shorter), each
         encoded to its codes and decoded back with the KV cache (greedy at temperature 0)."""
-        if self.config.text.mode == "overlap":
-            raise TaskError(
-                "pips generate decodes spans alone; this run was trained with context (text.mode=overlap)"
-            )
-        tokenizer = load_tokenizer(self.config.text.lm)
+        tokenizer, device, generator = self._generation(model, seed)
         ids = token_ids(tokenizer, text)
         if not ids:
             raise TaskError("--text is empty: give some text to encode")
-        model.eval()
-        device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
         size = self.config.text.span_tokens
         pairs = []
         for start in range(0, len(ids), size):
@@ -331,3 +349,134 @@ class TextTask(TensorTask):
             out = model.generate(quantized, piece.shape[1], None, temperature, top_p, generator)
             pairs.append((tokenizer.decode(piece[0].tolist()), tokenizer.decode(out[0].tolist())))
         return pairs
+
+    @torch.no_grad()
+    def generate_from_codes(self, model, codes, temperature=0.0, top_p=1.0, seed=0):
+        """Code arrays ``[N]`` (one per span, as ``pips encode`` writes them) -> each span's text,
+        decoded with the KV cache."""
+        self.require_codes(model)
+        tokenizer, device, generator = self._generation(model, seed)
+        out = []
+        for number, code in enumerate(codes):
+            indices = torch.as_tensor(self.check_codes(model, np.asarray(code), f"span {number}"))
+            quantized = model.quantizer.codes_to_quantized(indices[None].long().to(device))
+            tokens = model.generate(
+                quantized, self.config.text.span_tokens, None, temperature, top_p, generator
+            )
+            out.append(tokenizer.decode(tokens[0].tolist()))
+        return out
+
+    @torch.no_grad()
+    def interpolate(self, model, first, second, steps=5, temperature=0.0, top_p=1.0, seed=0):
+        """Gaussian latents: the first span of ``first`` and of ``second`` encoded to their means,
+        and ``steps`` points on the line between them (ends included) decoded to text."""
+        if self.config.text.latent != "gaussian":
+            raise TaskError(
+                "--interpolate walks between Gaussian latents; this run has discrete codes "
+                "(train one with text.latent=gaussian)"
+            )
+        if steps < 2:
+            raise TaskError(f"--steps {steps} is too few: give at least 2 (both ends)")
+        tokenizer, device, generator = self._generation(model, seed)
+        size = self.config.text.span_tokens
+        means = []
+        for text in (first, second):
+            ids = token_ids(tokenizer, text)[:size]
+            if not ids:
+                raise TaskError("--interpolate needs two non-empty texts")
+            means.append(model.encode(torch.tensor([ids], device=device)).quantizer.quantized)
+        out = []
+        for t in torch.linspace(0, 1, steps).tolist():
+            latent = (1 - t) * means[0] + t * means[1]
+            tokens = model.generate(latent, size, None, temperature, top_p, generator)
+            out.append((t, tokenizer.decode(tokens[0].tolist())))
+        return out
+
+    # ------------------------------------------------------------- a prior over span codes
+    def _spans_alone(self, what: str) -> None:
+        if self.config.text.mode == "overlap":
+            raise TaskError(
+                f"{what} reads spans alone; this run decodes each span after the previous one "
+                f"(text.mode=overlap): train the tokenizer with text.mode=span"
+            )
+
+    def prior_items(self) -> tuple[list, list]:
+        self._spans_alone("a prior over text codes")
+        return super().prior_items()
+
+    def raw_layout(self, items: list) -> PooledLayout:
+        """The spans' own LM tokens, one token each (a prior from scratch over the LM's
+        tokenizer: the no-latent baseline)."""
+        return PooledLayout(self.config.text.span_tokens, IndexSplit([(self.vocab_size(), 1)]))
+
+    def vocab_size(self) -> int:
+        return int(len(load_tokenizer(self.config.text.lm)))
+
+    @torch.no_grad()
+    def decoder_bits(self, model: TextVAE, items: list, codes: list, batch_size: int = 32):
+        """``-log2 p(span | codes)`` per span: the decoder's teacher-forced bits of every token
+        of the span given its codes (the span's length is known)."""
+        self._spans_alone("the decoder's bits")
+        model.eval()
+        device = next(model.parameters()).device
+        out = []
+        for start in range(0, len(items), batch_size):
+            tokens = torch.as_tensor(np.stack(items[start : start + batch_size])).long()
+            indices = torch.as_tensor(np.stack(codes[start : start + batch_size])).long()
+            quantized = model.quantizer.codes_to_quantized(indices.to(device))
+            logits = model.decode(quantized, tokens.to(device))
+            out.append(span_nll_bits(logits, tokens.to(device)).double().cpu())
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def baselines(self, items: list, batch_size: int = 32) -> dict[str, float]:
+        """On the same spans, bits per span: ``lm_bits``, the frozen LM's own (after BOS, no
+        latent, no adapters: the number a latent code has to beat), and the compressors on the
+        spans' UTF-8 text (zlib per span, xz over all, order-0 of the bytes)."""
+        text = self.config.text
+        try:
+            lm = load_causal_lm(text.lm).eval()
+        except LMError as error:
+            raise TaskError(str(error)) from None
+        bos = lm.config.bos_token_id if lm.config.bos_token_id is not None else 0
+        bits = []
+        for start in range(0, len(items), batch_size):
+            tokens = torch.as_tensor(np.stack(items[start : start + batch_size])).long()
+            inputs = torch.cat([torch.full_like(tokens[:, :1], bos), tokens[:, :-1]], 1)
+            bits.append(span_nll_bits(lm(input_ids=inputs).logits, tokens).double())
+        tokenizer = load_tokenizer(text.lm)
+        data = [tokenizer.decode(np.asarray(item).tolist()).encode() for item in items]
+        symbols = [np.frombuffer(item, dtype=np.uint8) for item in data]
+        # spans are framed by a separator a span never holds: NUL
+        values = compressor_baselines(data, symbols, separator=b"\0")
+        return {"lm_bits": float(torch.cat(bits).mean()), **values}
+
+    def write_samples(self, samples: list, out: Path) -> list[str]:
+        """``samples.jsonl``: each sampled span decoded to text."""
+        return [self.write_items(samples, {}, Path(out) / "samples.jsonl")]
+
+    def _generation(self, model, seed):
+        """(tokenizer, device, seeded generator) for decoding; the model in eval mode."""
+        if self.config.text.mode == "overlap":
+            raise TaskError(
+                "pips generate decodes spans alone; this run was trained with context "
+                "(text.mode=overlap)"
+            )
+        model.eval()
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return load_tokenizer(self.config.text.lm), device, generator
+
+    def write_items(self, items, metadata, out):
+        """Decoded spans as JSON lines (``{"index", "text"}``), or token ids in an .npz."""
+        if Path(out).suffix == ".npz":
+            return super().write_items(items, metadata, out)
+        tokenizer = load_tokenizer(self.config.text.lm)
+        out = output_file(out, "spans.jsonl", ".jsonl")
+        index = metadata.get("index", np.arange(len(items)))
+        lines = [
+            json.dumps({"index": int(i), "text": tokenizer.decode(np.asarray(item).tolist())})
+            for i, item in zip(index, items, strict=True)
+        ]
+        atomic_write(out, lambda handle: handle.write(("\n".join(lines) + "\n").encode()))
+        return f"{len(items)} {self.unit} into {out}"
