@@ -4,6 +4,7 @@ process. Prints the ratio (the issue's target: the VAE step at most 2.5x).
 
     python benchmarks/text_vae.py                      # SmolLM2-135M, 4 spans of 32 tokens
     python benchmarks/text_vae.py --batch 8 --steps 5 --threads 2
+    python benchmarks/text_vae.py --inject prefix         # the latent as prefix embeddings
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--inject", default="memory", choices=["prefix", "memory"])
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,7 +62,9 @@ def main() -> None:
         num_latents=8,
         quantizer=QuantizerConfig(kind="fsq", levels=[8, 5, 5, 5]),
     )
-    vae = TextVAE(lm, model, lora_rank=arguments.rank).to(device)
+    vae = TextVAE(
+        lm, model, lora_rank=arguments.rank, inject=arguments.inject, latent_norm=True
+    ).to(device)
     if dtype != torch.float32:
         vae.lm.to(dtype)
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-4)
@@ -93,7 +97,9 @@ def main() -> None:
     print(
         f"{arguments.lm} on {device} ({dtype}), {arguments.threads} thread(s): loaded in {load_seconds:.1f} s; {vae.describe_trainable()}"
     )
-    print(f"batch {arguments.batch} x {arguments.span} tokens, mean of {arguments.steps} steps")
+    print(
+        f"batch {arguments.batch} x {arguments.span} tokens, latent injected as {arguments.inject}, mean of {arguments.steps} steps"
+    )
     print(
         f"  LoRA step of the base LM: {plain:.3f} s ({tokens_per_step / plain:.0f} tokens/s), peak {plain_memory:.0f} MB"
     )

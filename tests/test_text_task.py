@@ -143,6 +143,10 @@ def test_the_text_task_trains_resumes_and_evaluates_through_the_runner(tiny_lm, 
     # the greedy decoding of a span's codes is what decode writes for it
     first = from_codes.output.splitlines()[0].split(": ", 1)[1]
     assert first == repr(lines[0]["text"])
+    report = invoke("report", tmp_path / "straight")
+    assert report.exit_code == 0, report.output
+    page = (tmp_path / "straight" / "report.html").read_text()
+    assert "Spans and their reconstructions" in page and page.count("<tr>") >= 12
     neither = invoke("generate", tmp_path / "straight")
     assert neither.exit_code == 2 and "--codes" in neither.output
     walk = invoke("generate", tmp_path / "straight", "--interpolate", "abc", "def")
