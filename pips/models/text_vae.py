@@ -23,8 +23,11 @@ Shapes: span tokens ``[B, T]``, context ``[B, C]``, logits ``[B, T, V]``, ``N`` 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import math
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,9 +97,22 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM ``spec`` names (see :func:`resolve_lm`), from local files only."""
     transformers = _transformers()
     folder, gguf = resolve_lm(spec)
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf, dtype=dtype, local_files_only=True
-    )
+    # the GGUF loader draws its own tqdm bar on stderr (not transformers' switchable ones):
+    # keep everything it writes but that bar
+    written = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(written):
+            return transformers.AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=gguf, dtype=dtype, local_files_only=True
+            )
+    finally:
+        kept = [
+            line
+            for line in written.getvalue().replace("\r", "\n").splitlines()
+            if line.strip() and "de-quantizing GGUF tensors" not in line
+        ]
+        if kept:
+            print("\n".join(kept), file=sys.stderr)
 
 
 def load_tokenizer(spec: str):
