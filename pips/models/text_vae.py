@@ -28,6 +28,7 @@ import importlib.util
 import io
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -151,33 +152,6 @@ class GaussianLatent(nn.Module):
         raise NotImplementedError("a Gaussian latent has no codes; decode its vectors instead")
 
 
-class RunningStandardize(nn.Module):
-    """Each channel of ``x [..., D]`` minus its running mean, over its running standard
-    deviation. While training, the statistics first move towards the batch's (over every
-    leading axis, ``momentum`` per step, no gradient through them), so a channel that shrinks
-    towards one constant is scaled back up: a collapsed encoder still gives spread latents. Unlike
-    batch normalisation, an item's latent does not depend on the rest of its batch."""
-
-    def __init__(self, dim: int, momentum: float = 0.05, eps: float = 1e-5):
-        super().__init__()
-        self.momentum = momentum
-        self.eps = eps
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("var", torch.ones(dim))
-        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                flat = x.detach().float().reshape(-1, x.shape[-1])
-                mean, var = flat.mean(0), flat.var(0, unbiased=False)
-                rate = self.momentum if bool(self.started) else 1.0  # the first batch sets them
-                self.mean.lerp_(mean, rate)
-                self.var.lerp_(var, rate)
-                self.started.fill_(True)
-        return (x - self.mean.to(x.dtype)) * torch.rsqrt(self.var.to(x.dtype) + self.eps)
-
-
 class LatentMemory(nn.Module):
     """Slot latents ``[B, N, D]`` -> one key and value per layer, KV head and slot: the LM's cache
     of ``N`` memory positions that every later token attends to (Optimus's memory injection).
@@ -268,8 +242,10 @@ class TextVAE(nn.Module):
             lora_dropout=0.0,
             target_modules=LORA_TARGETS,
         )
-        self.lm = get_peft_model(lm, lora, adapter_name="encoder")
-        self.lm.add_adapter("decoder", lora)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            self.lm = get_peft_model(lm, lora, adapter_name="encoder")
+            self.lm.add_adapter("decoder", lora)
         self.adapter_parameters = [p for n, p in self.lm.named_parameters() if "lora_" in n]
         self.use_adapter("encoder")
         hidden = lm.config.hidden_size
@@ -291,10 +267,14 @@ class TextVAE(nn.Module):
         self.pooling = build_pooling(model)
         code_dim = quantizer_dim(model.quantizer, width)
         self.to_latent = nn.Linear(width, code_dim)
-        # each latent channel standardised by running statistics (as BN-VAE, Zhu et al. 2020,
-        # but without the batch's own noise), so the encoder cannot collapse to one constant
-        # latent (a learned prompt) for every span
-        self.latent_norm = RunningStandardize(code_dim) if latent_norm else None
+        # BN-VAE (Zhu et al. 2020): each latent channel standardised over the batch's spans and
+        # slots while training (running statistics in eval), so the encoder cannot give every
+        # span one constant latent (a learned prompt). Its output does not depend on the
+        # latents' scale, so nothing but weight decay shrinks them: the variance floor (eps) is
+        # far below any scale they reach, else a shrunk encoder would collapse all the same
+        self.latent_norm = (
+            nn.BatchNorm1d(code_dim, eps=1e-10, affine=False) if latent_norm else None
+        )
         if inject == "memory":
             self.memory = LatentMemory(code_dim, lm.config, *memory_scale)
         else:
@@ -378,7 +358,7 @@ class TextVAE(nn.Module):
         pooled = self.pooling(h, rope, padding)  # [B, N, width]
         latents = self.to_latent(pooled)  # [B, N, D]
         if self.latent_norm is not None:
-            latents = self.latent_norm(latents)
+            latents = self.latent_norm(latents.flatten(0, 1)).view_as(latents)
         quantized = self.quantizer(latents, **values)
         count = latents.shape[1]
         positions = torch.zeros(batch, count, 2, dtype=torch.long, device=tokens.device)

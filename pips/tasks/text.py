@@ -83,8 +83,8 @@ class TextConfig:
     )
     latent_norm: bool = option(
         False,
-        "standardise each latent channel over the batch and slots before the bottleneck "
-        "(BN-VAE), so the encoder cannot give every span the same latent",
+        "standardise each latent channel over the batch's spans and slots before the "
+        "bottleneck (BN-VAE), so the encoder cannot give every span the same latent",
     )
     lora_rank: int = option(16, "LoRA rank of both adapters", min=1)
     lora_alpha: float | None = option(None, "LoRA alpha (None: the rank)", min=0)
