@@ -60,7 +60,7 @@ def main() -> None:
         width=128,
         heads=4,
         num_latents=8,
-        quantizer=QuantizerConfig(kind="fsq", levels=[8, 5, 5, 5]),
+        quantizer=QuantizerConfig(kind="fsq", levels=[8, 5, 5, 5], dim=4),
     )
     vae = TextVAE(
         lm, model, lora_rank=arguments.rank, inject=arguments.inject, latent_norm=True

@@ -215,3 +215,19 @@ def test_a_prior_over_text_codes_reports_bits_per_span_beside_the_lms_own(tiny_l
     assert sampled.exit_code == 0, sampled.output
     lines = (tmp_path / "samples" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all("text" in json.loads(line) for line in lines)
+
+
+def test_latent_first_keeps_the_decoder_adapter_at_zero_through_the_runner(tiny_lm, tmp_path):
+    levers = ["text.inject=memory", "text.latent_norm=true", "model.quantizer.dim=4"]
+    arguments = [*common(tiny_lm), *levers, "text.decoder_warmup=100", "text.word_dropout=0.3"]
+    result = invoke("train", *arguments, f"run_root={tmp_path}", "name=first")
+    assert result.exit_code == 0, result.output
+    state = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = state["state_dict"]
+    decoder = [v for k, v in state.items() if "lora_B.decoder" in k]
+    encoder = [v for k, v in state.items() if "lora_B.encoder" in k]
+    assert decoder and all(torch.count_nonzero(v) == 0 for v in decoder)  # never trained
+    assert any(torch.count_nonzero(v) > 0 for v in encoder)
+    assert any("memory.out" in k for k in state) and any("latent_norm" in k for k in state)
+    summary = json.loads((tmp_path / "first" / "summary.json").read_text())
+    assert summary["codebook_perplexity"] > 1  # the norm keeps the codes from one value
