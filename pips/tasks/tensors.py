@@ -310,7 +310,7 @@ class TensorTask(Task):
         self.require_codes(model)
         model.eval()
         device = next(model.parameters()).device
-        tensors = torch.as_tensor(items)
+        tensors = torch.as_tensor(np.stack(items) if isinstance(items, list) else items)
         out = []
         for start in range(0, len(tensors), batch_size):
             chunk = tensors[start : start + batch_size].to(device)
