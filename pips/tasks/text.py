@@ -84,7 +84,9 @@ class TextConfig:
     latent_norm: bool = option(
         False,
         "standardise each latent channel over the batch's spans and slots before the "
-        "bottleneck (BN-VAE), so the encoder cannot give every span the same latent",
+        "bottleneck (BN-VAE), so the encoder cannot give every span the same latent; give the "
+        "quantizer its own channel count as model.quantizer.dim (FSQ: one per level, as the "
+        "preset does) so that no projection inside the quantizer shrinks them again",
     )
     lora_rank: int = option(16, "LoRA rank of both adapters", min=1)
     lora_alpha: float | None = option(None, "LoRA alpha (None: the rank)", min=0)
