@@ -153,6 +153,15 @@ def test_the_text_task_trains_resumes_and_evaluates_through_the_runner(tiny_lm, 
     assert walk.exit_code == 2 and "gaussian" in walk.output  # discrete codes: no walk
 
 
+def test_checkpointing_with_memory_injection_is_refused_and_with_a_prefix_trains(tiny_lm, tmp_path):
+    arguments = [*common(tiny_lm), "text.gradient_checkpointing=true", "trainer.max_steps=2"]
+    refused = invoke("train", *arguments, "text.inject=memory", f"run_root={tmp_path}", "name=m")
+    assert refused.exit_code == 2 and "text.inject=prefix" in refused.output
+    assert not (tmp_path / "m").exists()
+    trained = invoke("train", *arguments, f"run_root={tmp_path}", "name=p")
+    assert trained.exit_code == 0, trained.output
+
+
 def test_a_missing_lm_folder_is_one_sentence(tmp_path):
     result = invoke("train", *common(tmp_path / "no_lm"), f"run_root={tmp_path}", "name=x")
     assert result.exit_code == 2, result.output

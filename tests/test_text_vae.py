@@ -299,3 +299,22 @@ def test_latent_norm_standardises_each_channel_over_spans_and_slots_even_after_a
     vae.eval()  # eval: the running statistics, so a span's code does not depend on its batch
     one = vae.encode(spans(8, 12, seed=4)[:1]).quantizer.indices
     torch.testing.assert_close(one, vae.encode(spans(8, 12, seed=4)).quantizer.indices[:1])
+
+
+@INJECTIONS
+def test_a_bfloat16_base_with_float32_adapters_and_heads_trains_and_generates(inject):
+    lm = tiny_llama(0).to(torch.bfloat16)
+    if inject == "prefix":  # under checkpointing transformers drops the cache: no memory
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    vae = TextVAE(lm, model_config(), lora_rank=4, inject=inject, latent_norm=True)
+    assert vae.backbone.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in vae.parameters() if p.requires_grad)
+    tokens = spans()
+    output = vae(tokens)
+    F.cross_entropy(output.token_logits.float().flatten(0, 1), tokens.flatten()).backward()
+    assert vae.to_latent.weight.grad.abs().sum() > 0  # through the bf16 base and back
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.adapter_parameters)
+    vae.eval()
+    generated = vae.generate(vae.encode(tokens).quantizer.quantized, 5)
+    assert generated.shape == (3, 5)

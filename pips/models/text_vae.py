@@ -171,9 +171,9 @@ class LatentMemory(nn.Module):
         self.key_gain = nn.Parameter(key_rms.clone().float())
         self.value_gain = nn.Parameter(value_rms.clone().float())
 
-    def forward(self, latents: torch.Tensor, slot_embedding: torch.Tensor):
+    def forward(self, latents: torch.Tensor, slot_embedding: torch.Tensor, dtype=None):
         """A transformers ``DynamicCache`` holding keys/values ``[B, kv_heads, N, head_dim]``
-        per layer; gradients flow through it."""
+        per layer (in ``dtype``, the LM's); gradients flow through it."""
         from transformers import DynamicCache
 
         batch, count = latents.shape[:2]
@@ -183,6 +183,8 @@ class LatentMemory(nn.Module):
         kv = kv.permute(2, 3, 0, 4, 1, 5)  # [layers, 2, B, kv_heads, N, head_dim]
         keys = kv[:, 0] * self.key_gain.to(kv.dtype)[:, None, None, None, None]
         values = kv[:, 1] * self.value_gain.to(kv.dtype)[:, None, None, None, None]
+        if dtype is not None:
+            keys, values = keys.to(dtype), values.to(dtype)
         return DynamicCache(
             list(zip(keys.unbind(0), values.unbind(0), strict=True)), config=self.config
         )
@@ -351,7 +353,8 @@ class TextVAE(nn.Module):
     def encode(self, tokens: torch.Tensor, **values: float) -> Encoded:
         """Span tokens ``[B, T]`` -> the slots' latents and their quantizer output."""
         self.use_adapter("encoder")
-        h = self.encoder_in(self.hidden_states(tokens, bidirectional=True))  # [B, T, width]
+        states = self.hidden_states(tokens, bidirectional=True)  # [B, T, H] in the LM's dtype
+        h = self.encoder_in(states.to(self.encoder_in.weight.dtype))  # [B, T, width]
         batch, length = tokens.shape
         rope = self.rope(torch.arange(length, device=tokens.device))
         padding = torch.zeros(batch, length, dtype=torch.bool, device=tokens.device)
@@ -379,12 +382,13 @@ class TextVAE(nn.Module):
         no latent): BOS, then the context, with the memory (None: nothing) as the LM's cache."""
         embed = self.backbone.embed_tokens
         cache = None
+        dtype = embed.weight.dtype  # the LM's (bfloat16 on a GPU); the heads stay float32
         if quantized is not None and self.inject == "prefix":
-            parts = [self.prefix(quantized)]
+            parts = [self.prefix(quantized).to(dtype)]
         else:
             parts = [embed(torch.full_like(like[:, :1], self.bos_token_id))]
             if quantized is not None:
-                cache = self.memory(quantized, self.slot_embedding)
+                cache = self.memory(quantized, self.slot_embedding, dtype)
         if context is not None:
             parts.append(embed(context))
         return torch.cat(parts, 1), cache

@@ -88,6 +88,15 @@ class TextConfig:
         "quantizer its own channel count as model.quantizer.dim (FSQ: one per level, as the "
         "preset does) so that no projection inside the quantizer shrinks them again",
     )
+    lm_dtype: str = option(
+        "auto",
+        "the frozen base's weights: auto (bfloat16 when training on a GPU, else float32), "
+        "float32 or bfloat16; the adapters and heads stay float32",
+        ("auto", "float32", "bfloat16"),
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute the base LM's layers in the backward pass (less memory, more time)"
+    )
     lora_rank: int = option(16, "LoRA rank of both adapters", min=1)
     lora_alpha: float | None = option(None, "LoRA alpha (None: the rank)", min=0)
 
@@ -269,9 +278,17 @@ class TextTask(TensorTask):
     def new_model(self, shape) -> TextVAE:
         text = self.config.text
         try:
-            lm = load_causal_lm(text.lm)
+            lm = load_causal_lm(text.lm, self.lm_dtype())
         except LMError as error:
             raise TaskError(str(error)) from None
+        if text.gradient_checkpointing:
+            if text.inject == "memory":
+                raise TaskError(
+                    "text.gradient_checkpointing=true needs text.inject=prefix: under "
+                    "checkpointing transformers trains without the cache, where the memory "
+                    "injection lives; use one or the other"
+                )
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return TextVAE(
             lm,
             self.config.model,
@@ -284,6 +301,16 @@ class TextTask(TensorTask):
             text.inject,
             text.latent_norm,
         )
+
+    def lm_dtype(self) -> torch.dtype:
+        """The base LM's dtype: ``text.lm_dtype``, where ``auto`` is bfloat16 when the run
+        trains on a GPU (trainer.accelerator gpu, or auto with CUDA present), else float32."""
+        chosen = self.config.text.lm_dtype
+        if chosen == "auto":
+            accelerator = self.config.trainer.accelerator
+            on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+            chosen = "bfloat16" if on_gpu else "float32"
+        return getattr(torch, chosen)
 
     def inputs(self, batch: TextBatch) -> torch.Tensor:
         return batch.tokens
