@@ -22,6 +22,7 @@ from pips.models.text_vae import (  # noqa: E402
     TextVAE,
     load_causal_lm,
     load_tokenizer,
+    logits_after_bos,
     resolve_lm,
 )
 
@@ -120,6 +121,9 @@ def test_memory_injection_is_one_key_and_value_per_layer_head_and_slot_at_the_lm
     tokens = spans()
     with vae.lm.disable_adapter():
         torch.testing.assert_close(vae.decode(None, tokens), vae.base_logits(tokens))
+    # ... and as the plain LM gives it (what a raw prior over text measures)
+    plain = logits_after_bos(tiny_llama(0), tokens, vae.bos_token_id)
+    torch.testing.assert_close(plain, vae.base_logits(tokens))
 
 
 def test_a_frozen_decoder_adapter_gets_no_gradient_and_thaws():

@@ -425,13 +425,7 @@ class TextVAE(nn.Module):
         """The frozen LM's own logits ``[B, T, V]`` of the span after BOS (and the context):
         no latent, no adapters."""
         with self.lm.disable_adapter():
-            inputs = [torch.full_like(tokens[:, :1], self.bos_token_id)]
-            if context is not None:
-                inputs.append(context)
-            start = sum(part.shape[1] for part in inputs) - 1
-            inputs.append(tokens[:, :-1])
-            h = self.hidden_states(torch.cat(inputs, 1), bidirectional=False)
-            return self.lm.get_output_embeddings()(h[:, start:])
+            return logits_after_bos(self.lm, tokens, self.bos_token_id, context)
 
     @torch.no_grad()
     def generate(
@@ -457,6 +451,17 @@ class TextVAE(nn.Module):
             out.append(token)
             inputs = embed(token[:, None])
         return torch.stack(out, 1)
+
+
+def logits_after_bos(lm: nn.Module, tokens: torch.Tensor, bos_token_id: int, context=None):
+    """A causal LM's own logits ``[B, T, V]`` of span ``tokens [B, T]`` teacher-forced after
+    BOS (and optional plain ``context [B, C]``): what the LM alone predicts of the span."""
+    inputs = [torch.full_like(tokens[:, :1], bos_token_id)]
+    if context is not None:
+        inputs.append(context)
+    start = sum(part.shape[1] for part in inputs) - 1  # the position that predicts token 0
+    inputs.append(tokens[:, :-1])
+    return lm(input_ids=torch.cat(inputs, 1)).logits[:, start:]
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None):

@@ -288,8 +288,10 @@ class Task:
         code), or None when the decoder gives no such distribution (continuous items)."""
         return None
 
-    def baselines(self, items: list) -> dict[str, float]:
-        """Codelength baselines measured on the same items, bits per item (zlib, xz, ...)."""
+    def baselines(self, items: list, model: torch.nn.Module | None = None) -> dict[str, float]:
+        """Codelength baselines measured on the same items, bits per item (zlib, xz, ...);
+        ``model`` is the tokenizer run's model (None for a raw prior), for a baseline it holds
+        (a text VAE's frozen LM)."""
         return {}
 
     def sample_statistics(self, samples: list, train: list, val: list) -> dict[str, float]:

@@ -584,7 +584,7 @@ class GridsTask(Task):
     def decoder_bits(self, model: GridDVAE, items: list, codes: list) -> np.ndarray:
         return model.decoder_bits(list(items), list(codes))
 
-    def baselines(self, items: list) -> dict[str, float]:
+    def baselines(self, items: list, model=None) -> dict[str, float]:
         """zlib -9 per grid, xz -9e over all of them and each grid's order-0 entropy, on the
         grids written as text (a row of digits per line)."""
         return arc_baselines(list(items))

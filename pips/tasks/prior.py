@@ -555,7 +555,7 @@ def _decoder_and_baselines(tokenizer: Tokenizer, items: list, codes: list, metri
     if decoder is not None:
         out["decoder_bits"] = float(np.mean(decoder))
         out["codelength_bits"] = metrics["prior_bits"] + out["decoder_bits"]
-    out.update(tokenizer.source.baselines(items))
+    out.update(tokenizer.source.baselines(items, None if tokenizer.raw else tokenizer.model))
     return out
 
 

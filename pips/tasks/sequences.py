@@ -211,7 +211,7 @@ class SequencesTask(TensorTask):
         indices = torch.as_tensor(np.stack(codes), dtype=torch.long)
         return model.decoder_bits(tokens, indices).numpy()
 
-    def baselines(self, items: list) -> dict[str, float]:
+    def baselines(self, items: list, model=None) -> dict[str, float]:
         """zlib -9 per sequence, xz -9e over all, each one's order-0 entropy (one byte per
         token), and for sequences drawn from a GSSM the exact ``-log2 p(x)`` of each under its
         own process (its kernels), the entropy a perfect model of that sequence would need."""

@@ -10,6 +10,7 @@ exact-token accuracy of the teacher-forced decoder with its own codes.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -26,7 +27,13 @@ from pips.data.compressors import compressor_baselines
 from pips.data.text import TEXT_SOURCES, cut_spans, load_documents, token_ids
 from pips.models.build import build_quantizer, quantizer_dim
 from pips.models.code_tokens import IndexSplit, PooledLayout
-from pips.models.text_vae import LMError, TextVAE, load_causal_lm, load_tokenizer
+from pips.models.text_vae import (
+    LMError,
+    TextVAE,
+    load_causal_lm,
+    load_tokenizer,
+    logits_after_bos,
+)
 from pips.quantizers.base import SCHEDULE_VALUES
 from pips.schedules import Schedule
 from pips.tasks.base import Headline, TaskError, output_file, register_task
@@ -505,21 +512,28 @@ class TextTask(TensorTask):
         return torch.cat(out).numpy()
 
     @torch.no_grad()
-    def baselines(self, items: list, batch_size: int = 32) -> dict[str, float]:
+    def baselines(self, items: list, model=None, batch_size: int = 32) -> dict[str, float]:
         """On the same spans, bits per span: ``lm_bits``, the frozen LM's own (after BOS, no
         latent, no adapters: the number a latent code has to beat), and the compressors on the
-        spans' UTF-8 text (zlib per span, xz over all, order-0 of the bytes)."""
+        spans' UTF-8 text (zlib per span, xz over all, order-0 of the bytes). The frozen LM is
+        the text VAE's own base when ``model`` is one; a raw prior loads it from ``text.lm``."""
         text = self.config.text
-        try:
-            lm = load_causal_lm(text.lm).eval()
-        except LMError as error:
-            raise TaskError(str(error)) from None
-        bos = lm.config.bos_token_id if lm.config.bos_token_id is not None else 0
+        if model is not None:
+            model.eval()
+            lm_logits, device = model.base_logits, next(model.parameters()).device
+        else:
+            try:
+                lm = load_causal_lm(text.lm).eval()
+            except LMError as error:
+                raise TaskError(str(error)) from None
+            bos = lm.config.bos_token_id if lm.config.bos_token_id is not None else 0
+            lm_logits = functools.partial(logits_after_bos, lm, bos_token_id=bos)
+            device = torch.device("cpu")
         bits = []
         for start in range(0, len(items), batch_size):
             tokens = torch.as_tensor(np.stack(items[start : start + batch_size])).long()
-            inputs = torch.cat([torch.full_like(tokens[:, :1], bos), tokens[:, :-1]], 1)
-            bits.append(span_nll_bits(lm(input_ids=inputs).logits, tokens).double())
+            tokens = tokens.to(device)
+            bits.append(span_nll_bits(lm_logits(tokens), tokens).double().cpu())
         tokenizer = load_tokenizer(text.lm)
         data = [tokenizer.decode(np.asarray(item).tolist()).encode() for item in items]
         symbols = [np.frombuffer(item, dtype=np.uint8) for item in data]
@@ -533,11 +547,7 @@ class TextTask(TensorTask):
 
     def _generation(self, model, seed):
         """(tokenizer, device, seeded generator) for decoding; the model in eval mode."""
-        if self.config.text.mode == "overlap":
-            raise TaskError(
-                "pips generate decodes spans alone; this run was trained with context "
-                "(text.mode=overlap)"
-            )
+        self._spans_alone("pips generate")
         model.eval()
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
