@@ -26,6 +26,7 @@ from pips.tasks.text import TextBatch, TextDataModule
 
 OFF = [
     "text.inject=prefix",
+    "text.bow_weight=0",
     "text.latent_norm=false",
     "text.decoder_warmup=0",
     "text.word_dropout=0",
@@ -45,6 +46,13 @@ SETTINGS = {
         "text.latent_norm=true",
         "text.decoder_warmup=1000000",
         "text.word_dropout=0.3",
+    ],
+    "memory+norm+latent-first+dropout+bow": [
+        "text.inject=memory",
+        "text.latent_norm=true",
+        "text.decoder_warmup=1000000",
+        "text.word_dropout=0.3",
+        "text.bow_weight=1",
     ],
     "gaussian+memory+free-bits": [
         "text.inject=memory",
@@ -91,6 +99,8 @@ def run(name: str, overrides: list[str], arguments) -> dict:
         latent_weight = kl_weight(step) if config.text.latent == "gaussian" else 1.0
         if output.encoded.quantizer.loss is not None:
             loss = loss + latent_weight * output.encoded.quantizer.loss
+        if output.bow_nats is not None:
+            loss = loss + config.text.bow_weight * output.bow_nats
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

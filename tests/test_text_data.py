@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from pips.data.text import TextError, cut_spans, grid_text, load_documents
+from pips.data.text import (
+    TextError,
+    cut_spans,
+    documents_of,
+    grid_text,
+    load_documents,
+    shuffled,
+)
 
 
 class Characters:
@@ -37,6 +44,27 @@ def test_spans_are_consecutive_pieces_of_each_document_with_their_predecessor():
     text = ["".join(map(chr, row)) for row in spans]
     assert text == ["abc", "def", "ghi", "012", "345"]  # "b" is shorter than a span
     assert previous.tolist() == [-1, 0, 1, -1, 3]
+    assert [d.tolist() for d in documents_of(previous)] == [[0, 1, 2], [3, 4]]
+    assert [d.tolist() for d in documents_of(previous[:2])] == [[0, 1]]
+
+
+def test_shuffled_spans_keep_their_documents():
+    documents = [(str(i), "abcdefghijklmnopqrstuvwxyz"[: 3 * (i + 2)]) for i in range(6)]
+    spans, previous = cut_spans(documents, Characters(), 3)
+    mixed, renumbered = shuffled(spans, previous, seed=1)
+    assert sorted(map(bytes, mixed.astype(np.uint8))) == sorted(map(bytes, spans.astype(np.uint8)))
+    assert not np.array_equal(mixed, spans)
+    text = lambda rows: ["".join(map(chr, rows[i])) for i in range(len(rows))]  # noqa: E731
+    # each document's spans, followed through the renumbered predecessors, in their order
+    before = sorted("".join(text(spans[d])) for d in documents_of(previous))
+    after = sorted("".join(text(mixed[d])) for d in documents_of(renumbered))
+    assert before == after
+    # a prefix of the shuffled spans: a span whose predecessor is cut off begins a document
+    cut = documents_of(renumbered[:7])
+    assert sorted(int(i) for d in cut for i in d) == list(range(7))
+    for document in cut:
+        for a, b in zip(document[:-1], document[1:], strict=True):
+            assert renumbered[b] == a
 
 
 def test_a_folder_of_txt_and_jsonl_files(tmp_path):

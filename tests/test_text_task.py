@@ -105,7 +105,8 @@ def test_the_text_task_trains_resumes_and_evaluates_through_the_runner(tiny_lm, 
     for key in state:
         torch.testing.assert_close(state[key], other["state_dict"][key], rtol=0, atol=0, msg=key)
 
-    evaluated = invoke("evaluate", tmp_path / "straight", "--json")
+    # the summary describes the final weights (a run folder evaluates its best checkpoint)
+    evaluated = invoke("evaluate", tmp_path / "straight" / "checkpoints" / "last.ckpt", "--json")
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.output)["metrics"]
     assert metrics["nll_bits"] == pytest.approx(summary["nll_bits"], rel=1e-4)
@@ -119,9 +120,10 @@ def test_the_text_task_trains_resumes_and_evaluates_through_the_runner(tiny_lm, 
     assert names and not [k for k in names if "lm." in k and "lora_" not in k]  # no base weights
     from_file = invoke("evaluate", exported, "--json")
     assert from_file.exit_code == 0, from_file.output
+    best = json.loads(invoke("evaluate", tmp_path / "straight", "--json").output)["metrics"]
     assert json.loads(from_file.output)["metrics"]["nll_bits"] == pytest.approx(
-        summary["nll_bits"], rel=1e-4
-    )
+        best["nll_bits"], rel=1e-4
+    )  # a run folder exports (and evaluates) its best checkpoint
 
     generated = invoke("generate", tmp_path / "straight", "--text", "x" * 20 + "abc")
     assert generated.exit_code == 0, generated.output
@@ -189,22 +191,27 @@ def test_overlap_mode_and_a_gaussian_latent_train_through_the_runner(tiny_lm, tm
     ]
 
 
-def test_a_prior_over_text_codes_reports_bits_per_span_beside_the_lms_own(tiny_lm, tmp_path):
-    root = f"run_root={tmp_path}"
-    assert invoke("train", *common(tiny_lm), root, "name=vae").exit_code == 0
-    prior = [
+def prior_arguments(tokenizer, *extra):
+    """A small prior over the codes of the text run ``tokenizer``, a few steps."""
+    return [
         "task=prior",
-        f"prior.tokenizer={tmp_path / 'vae'}",
+        f"prior.tokenizer={tokenizer}",
         "prior.width=32",
         "prior.depth=1",
         "prior.heads=2",
         "data.batch_size=8",
-        "data.max_final_val_samples=16",
         "trainer.max_steps=4",
         "trainer.val_every=2",
         "trainer.progress=false",
         "trainer.threads=1",
+        *extra,
     ]
+
+
+def test_a_prior_over_text_codes_reports_bits_per_span_beside_the_lms_own(tiny_lm, tmp_path):
+    root = f"run_root={tmp_path}"
+    assert invoke("train", *common(tiny_lm), root, "name=vae").exit_code == 0
+    prior = prior_arguments(tmp_path / "vae", "data.max_final_val_samples=16")
     result = invoke("train", *prior, root, "name=prior")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "prior" / "summary.json").read_text())
@@ -229,6 +236,7 @@ def test_a_prior_over_text_codes_reports_bits_per_span_beside_the_lms_own(tiny_l
 def test_latent_first_keeps_the_decoder_adapter_at_zero_through_the_runner(tiny_lm, tmp_path):
     levers = ["text.inject=memory", "text.latent_norm=true", "model.quantizer.dim=4"]
     arguments = [*common(tiny_lm), *levers, "text.decoder_warmup=100", "text.word_dropout=0.3"]
+    arguments.append("text.bow_weight=0.5")
     result = invoke("train", *arguments, f"run_root={tmp_path}", "name=first")
     assert result.exit_code == 0, result.output
     state = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -240,3 +248,103 @@ def test_latent_first_keeps_the_decoder_adapter_at_zero_through_the_runner(tiny_
     assert any("memory.out" in k for k in state) and any("latent_norm" in k for k in state)
     summary = json.loads((tmp_path / "first" / "summary.json").read_text())
     assert summary["codebook_perplexity"] > 1  # the norm keeps the codes from one value
+    header = (tmp_path / "first" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/loss_bow" in header  # the bag-of-words loss trains and is logged
+
+
+def test_a_next_span_prior_scores_each_span_after_the_spans_before_it(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pips.config import load_config
+    from pips.tasks.base import get_task
+
+    root = f"run_root={tmp_path}"
+    assert invoke("train", *common(tiny_lm), root, "name=vae").exit_code == 0
+    prior = prior_arguments(
+        tmp_path / "vae",
+        "prior.context=document",
+        "prior.document_spans=3",
+        "data.max_final_val_samples=12",
+    )
+    result = invoke("train", *prior, root, "name=next")
+    assert result.exit_code == 0, result.output
+    assert "consecutive spans" in result.output
+    summary = json.loads((tmp_path / "next" / "summary.json").read_text())
+    assert summary["codelength_bits"] == pytest.approx(
+        summary["prior_bits"] + summary["decoder_bits"], rel=1e-6
+    )
+    assert summary["context_gain_bits"] == pytest.approx(
+        summary["prior_bits_alone"] - summary["prior_bits"], abs=1e-6
+    )
+    # a slow reference of the LM's bits per span after the (at most 2) spans before it
+    config = load_config(tmp_path / "vae" / "config.yaml", [])
+    _, documents = get_task(config).prior_documents()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    bits, left = [], 12
+    for document in documents:
+        for j, span in enumerate(document[:left]):
+            context = [int(t) for s in document[max(j - 2, 0) : j] for t in s]
+            ids = torch.tensor([[lm.config.bos_token_id, *context, *map(int, span)]])
+            with torch.no_grad():
+                logp = lm(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            nats = -logp[len(context) :].gather(1, ids[0, len(context) + 1 :, None]).sum()
+            bits.append(float(nats) / math.log(2))
+        left -= len(document[:left])
+    assert summary["val_lm_bits_in_context"] == pytest.approx(sum(bits) / len(bits), rel=1e-4)
+    # samples: documents of 3 spans, each drawn after the ones before it
+    sampled = invoke("sample", tmp_path / "next", "-n", "2", "--out", tmp_path / "docs")
+    assert sampled.exit_code == 0, sampled.output
+    lines = (tmp_path / "docs" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(len(json.loads(line)["text"]) >= 3 for line in lines)
+    evaluated = invoke("evaluate", tmp_path / "next")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "12 validation spans after the ones before them" in evaluated.output
+
+
+def test_document_windows_and_rows():
+    import numpy as np
+
+    from pips.tasks.prior import (
+        DEMO_OUTPUT,
+        SEPARATOR,
+        TEST_OUTPUT,
+        GridFields,
+        _first_items,
+        document_row,
+        windows,
+    )
+
+    assert windows(3, 8) == [(0, 3)]
+    assert windows(10, 4) == [(0, 4), (2, 6), (4, 8), (6, 10)]
+    assert windows(5, 1) == [(i, i + 1) for i in range(5)]
+    covered = {i for a, b in windows(23, 6) for i in range(a, b)}
+    assert covered == set(range(23)) and all(b - a == 6 for a, b in windows(23, 6))
+    assert _first_items([[1, 2], [], [3, 4, 5], [6]], 4) == [[1, 2], [3, 4]]
+    assert _first_items([[1], [2]], None) == [[1], [2]]
+
+    def span(values):
+        n = len(values)
+        return GridFields(
+            np.array(values, dtype=np.int32),
+            np.zeros((n, 3), dtype=np.int16),
+            np.zeros(n, dtype=np.int32),
+            np.full(n, 10, dtype=np.int32),
+        )
+
+    row = document_row([span([1, 2]), span([3]), span([4, 5, 6])], vocab=10)
+    assert row.tokens.tolist() == [1, 2, 11, 3, 11, 4, 5, 6]
+    assert (
+        row.role.tolist()
+        == [DEMO_OUTPUT] * 2 + [SEPARATOR, DEMO_OUTPUT, SEPARATOR] + [TEST_OUTPUT] * 3
+    )
+    assert row.test_output_tokens.tolist() == [4, 5, 6]
+    assert row.suffix(row.test_output).tokens.tolist() == [4, 5, 6]  # the span alone
+
+
+def test_a_document_prior_needs_documents(tmp_path):
+    from pips.config import load_config
+    from pips.tasks.base import TaskError, get_task
+
+    config = load_config(None, ["task=grids"])
+    with pytest.raises(TaskError, match="follow each other in documents"):
+        get_task(config).prior_documents()

@@ -322,3 +322,25 @@ def test_a_bfloat16_base_with_float32_adapters_and_heads_trains_and_generates(in
     vae.eval()
     generated = vae.generate(vae.encode(tokens).quantizer.quantized, 5)
     assert generated.shape == (3, 5)
+
+
+def test_the_bag_of_words_loss_is_a_mixture_of_the_slots_over_the_lms_vocabulary():
+    vae = tiny_vae(bow=True)
+    tokens = spans()
+    output = vae(tokens)
+    quantized = output.encoded.quantizer.quantized  # [B, N, D]
+    # slow reference: each slot's distribution through the LM's output embeddings, averaged
+    head = vae.lm.get_output_embeddings().weight  # [V, H]
+    expected = []
+    for b in range(tokens.shape[0]):
+        probs = torch.stack(
+            [
+                ((vae.bow_head(quantized[b, n]) + vae.slot_embedding[n]) @ head.T).softmax(-1)
+                for n in range(quantized.shape[1])
+            ]
+        ).mean(0)
+        expected.extend(-probs[int(t)].log() for t in tokens[b])
+    assert float(output.bow_nats) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+    output.bow_nats.backward()
+    assert vae.bow_head.weight.grad.abs().sum() > 0 and head.grad is None  # the LM stays frozen
+    assert tiny_vae()(tokens).bow_nats is None  # off by default

@@ -110,3 +110,32 @@ def cut_spans(
     if not spans:
         return np.zeros((0, span_tokens), dtype=np.int64), np.zeros((0,), dtype=np.int64)
     return np.stack(spans), np.asarray(previous, dtype=np.int64)
+
+
+def documents_of(previous: np.ndarray) -> list[np.ndarray]:
+    """The spans of each document in order (index arrays), from each span's predecessor
+    (``cut_spans``'s second result, -1 where a document begins, in any order of the spans). A
+    span whose predecessor is not among them (cut off by a limit on the spans) begins a
+    document; documents come in the order of their first span."""
+    previous = np.asarray(previous)
+    count = len(previous)
+    following = {int(p): i for i, p in enumerate(previous) if 0 <= p < count}
+    documents = []
+    for start in (i for i, p in enumerate(previous) if not 0 <= p < count):
+        chain = [start]
+        while chain[-1] in following:
+            chain.append(following[chain[-1]])
+        documents.append(np.asarray(chain, dtype=np.int64))
+    return documents
+
+
+def shuffled(spans: np.ndarray, previous: np.ndarray, seed: int = 0):
+    """``spans`` in a fixed random order, with ``previous`` renumbered to match: validation
+    batches then hold spans of many documents, so that "another span's codes" (the batch rolled
+    by one) are not the next span's of the same text, and a prefix of them spreads over the
+    documents."""
+    order = np.random.default_rng(seed).permutation(len(spans))
+    where = np.empty(len(spans), dtype=np.int64)
+    where[order] = np.arange(len(spans))
+    renumbered = np.where(previous[order] >= 0, where[np.maximum(previous[order], 0)], -1)
+    return spans[order], renumbered

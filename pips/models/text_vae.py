@@ -206,6 +206,7 @@ def kv_rms(lm: nn.Module, length: int = 32) -> tuple[torch.Tensor, torch.Tensor]
 class TextVAEOutput(NamedTuple):
     token_logits: torch.Tensor  # [B, T, V] predictions of the span's tokens
     encoded: Encoded  # latents [B, N, D], quantizer output, positions [B, N, 2], padding [B, N]
+    bow_nats: torch.Tensor | None = None  # the bag-of-words loss (``bow=True``), nats per token
 
 
 class TextVAE(nn.Module):
@@ -223,6 +224,7 @@ class TextVAE(nn.Module):
         prefix_scale: bool = False,
         inject: str = "prefix",
         latent_norm: bool = False,
+        bow: bool = False,
     ):
         super().__init__()
         from peft import LoraConfig, get_peft_model
@@ -282,6 +284,9 @@ class TextVAE(nn.Module):
         else:
             self.to_prefix = nn.Linear(code_dim, hidden)
         self.slot_embedding = nn.Parameter(torch.randn(model.num_latents, hidden) * 0.02)
+        # bag of words (Zhao et al. 2017): the codes alone predict the span's tokens, order
+        # ignored, through the LM's own (frozen) output embeddings
+        self.bow_head = nn.Linear(code_dim, hidden) if bow else None
         if latent == "gaussian":
             self.quantizer = GaussianLatent(code_dim, free_bits)
         else:
@@ -417,8 +422,20 @@ class TextVAE(nn.Module):
         self, tokens: torch.Tensor, context: torch.Tensor | None = None, **values: float
     ) -> TextVAEOutput:
         encoded = self.encode(tokens, **values)
-        logits = self.decode(encoded.quantizer.quantized, tokens, context)
-        return TextVAEOutput(logits, encoded)
+        quantized = encoded.quantizer.quantized
+        logits = self.decode(quantized, tokens, context)
+        bow = None if self.bow_head is None else self.bow_nats(quantized, tokens)
+        return TextVAEOutput(logits, encoded, bow)
+
+    def bow_nats(self, quantized: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Nats per token of the span's tokens ``[B, T]`` as a bag of words under a mixture
+        of the slots: each slot ``[B, N, D]`` gives a distribution over the vocabulary through
+        the LM's output embeddings, the span's distribution is their mean."""
+        head = self.lm.get_output_embeddings()
+        h = self.bow_head(quantized) + self.slot_embedding  # [B, N, H]
+        logp = head(h.to(head.weight.dtype)).float().log_softmax(-1)  # [B, N, V]
+        mixture = logp.logsumexp(1) - math.log(logp.shape[1])  # [B, V]
+        return -mixture.gather(1, tokens).mean()
 
     @torch.no_grad()
     def base_logits(self, tokens: torch.Tensor, context: torch.Tensor | None = None):

@@ -247,6 +247,14 @@ class Task:
             f"context=task needs a task of pairs (ARC grids); {self.name} items come alone"
         )
 
+    def prior_documents(self) -> tuple[list, list]:
+        """``prior.context=document``: the training and validation documents, each a list of
+        items in the order they follow each other (a text's consecutive spans)."""
+        raise TaskError(
+            f"context=document needs items that follow each other in documents (text spans); "
+            f"{self.name} items do not"
+        )
+
     def augment_tasks(self, tasks: list, copies: int, kind: str, seed: int) -> list:
         """``copies`` versions of every ``(task_id, pairs)`` task (the tasks themselves
         first), each version augmented by one draw shared by all of its items; by default the
@@ -292,6 +300,13 @@ class Task:
         """Codelength baselines measured on the same items, bits per item (zlib, xz, ...);
         ``model`` is the tokenizer run's model (None for a raw prior), for a baseline it holds
         (a text VAE's frozen LM)."""
+        return {}
+
+    def baselines_in_context(
+        self, items: list, contexts: list, model: torch.nn.Module | None = None
+    ) -> dict[str, float]:
+        """Baselines of ``items`` each after its ``contexts`` entry (the items before it in its
+        document), bits per item; by default none."""
         return {}
 
     def sample_statistics(self, samples: list, train: list, val: list) -> dict[str, float]:

@@ -60,7 +60,19 @@ with a tokenizer ``solve_rate_ceiling`` (the share of test outputs its own codes
 to), and in ``pips evaluate`` ``train_solve_rate_greedy`` on at most 100 training tasks (their
 own, unaugmented test pairs: memorisation).
 
-The two contexts are two :class:`Sequences` (:class:`ItemSequences`, :class:`TaskSequences`):
+With ``context=document`` (a text tokenizer, ``task: text``, or raw text) a sequence is
+consecutive spans of one document, ``[BOS, s_1, SEP, s_2, ..., SEP, s_k]`` (``SEP`` the
+condition id ``V + 1``), at most ``prior.document_spans`` spans: a latent next-span model.
+Training sequences are windows of that many spans starting every half window, the loss on every
+span token; each validation span (``data.max_final_val_samples`` of them, whole documents in
+order) is one sequence ending with it after the spans before it. ``prior_bits`` are its bits
+given those spans, ``prior_bits_alone`` as ``[BOS, span]``, ``context_gain_bits`` their
+difference; ``decoder_bits``, ``codelength_bits`` and the baselines are of the same spans, with
+the source's ``lm_bits_in_context`` (the frozen LM after the text of the same spans before it)
+beside ``lm_bits`` (after BOS alone).
+
+The three contexts are three :class:`Sequences` (:class:`ItemSequences`, :class:`TaskSequences`,
+:class:`DocumentSequences`):
 what the data module builds, how a batch is collated, the loss, the validation metric and the
 final measurement; the module and the task call the same methods whichever context.
 """
@@ -107,7 +119,7 @@ from pips.tasks.module import CodeModule
 from pips.tasks.tensors import stateful_loader
 
 AUGMENTATIONS = ("none", "dihedral", "colours", "dihedral+colours", "fresh")
-CONTEXTS = ("item", "task")
+CONTEXTS = ("item", "task", "document")
 MEMORISATION_TASKS = 100  # training tasks whose test pairs `pips evaluate` solves
 
 
@@ -123,7 +135,8 @@ class PriorConfig:
     context: str = option(
         "item",
         "item: a sequence is one item; task: a whole ARC task (its pairs' grids with "
-        "separators, one test pair last), a world model over tasks",
+        "separators, one test pair last), a world model over tasks; document: consecutive "
+        "spans of one text, a next-span model",
         CONTEXTS,
     )
     width: int = option(128, "transformer width", min=8)
@@ -154,6 +167,12 @@ class PriorConfig:
         "context=task: the most positions of a sequence; a longer task drops its earliest "
         "demonstration pairs until it fits (never the test pair)",
         min=8,
+    )
+    document_spans: int = option(
+        8,
+        "context=document: the most consecutive spans one sequence holds; a span is scored "
+        "after at most this many minus one spans before it",
+        min=1,
     )
     max_tasks: int | None = option(
         None, "context=task: at most this many training tasks (spread over the split)", min=1
@@ -190,6 +209,17 @@ def _flatten(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def _unflatten(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
     return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def items_digest(items: list) -> str:
+    """A SHA-256 of the items in order (their values, shapes and dtypes): a cache of their codes
+    is only reused for the very same items."""
+    digest = hashlib.sha256()
+    for item in items:
+        array = np.ascontiguousarray(np.asarray(item))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 class Tokenizer:
@@ -405,6 +435,24 @@ class Sequences:
         evaluate`, which may add what it costs more to measure on training rows)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def sample_rows(
+        self, prior: CodePrior, data: PriorData, count: int, generator, batch_size=64, **drawing
+    ):
+        """``count`` samples, each a list of token rows (one per item it holds; here one
+        item each, drawn after BOS, ``batch_size`` at once). ``drawing``: temperature, top_k,
+        top_p."""
+        rows = []
+        for start in range(0, count, batch_size):
+            tokens = prior.sample(min(batch_size, count - start), generator=generator, **drawing)
+            lengths = prior.layout.lengths(tokens)
+            rows.extend([row[: int(n)].numpy()] for row, n in zip(tokens, lengths, strict=True))
+        return rows
+
+    def join(self, items: list) -> object:
+        """One sample's items as what is written (here the one item)."""
+        return items[0]
+
 
 # ---------------------------------------------------------------------------- context=item
 @dataclass
@@ -473,7 +521,7 @@ class ItemSequences(Sequences):
             )
         data.train_items = train
         copies = prior.augment_copies if prior.augment != "none" else 1
-        cached = data.cache_file(copies)
+        cached = data.cache_file(copies, (items_digest(train + data.val_items),))
         if cached is not None and cached.is_file():
             with np.load(cached, allow_pickle=False) as saved:
                 data.train_rows = _unflatten(saved["train"], saved["train_offsets"])
@@ -640,36 +688,20 @@ class TaskRow:
         return self.tokens[self.test_output :]
 
 
-def task_row(pairs: list[tuple[GridFields, GridFields]], vocab: int, max_tokens: int) -> TaskRow:
-    """``[in_1, SEP_IO, out_1, SEP_PAIR, ..., in_test, SEP_IO, out_test]`` of (input, output)
-    grids, the test pair last; the earliest demonstrations dropped while it is longer than
-    ``max_tokens`` (the test pair never)."""
-    dropped = 0
-    while len(pairs) > 1 and sum(len(a) + len(b) + 2 for a, b in pairs) - 1 > max_tokens:
-        pairs, dropped = pairs[1:], dropped + 1
+def separator(vocab: int, kind: int) -> GridFields:
+    """Separator ``kind`` (the condition id ``vocab + kind``): no place, any grid id allowed."""
+    return GridFields(
+        np.array([vocab + kind], dtype=np.int32),
+        np.zeros((1, 3), dtype=np.int16),
+        np.zeros(1, dtype=np.int32),
+        np.full(1, vocab, dtype=np.int32),
+    )
 
-    def separator(kind: int) -> GridFields:
-        return GridFields(
-            np.array([vocab + kind], dtype=np.int32),
-            np.zeros((1, 3), dtype=np.int16),
-            np.zeros(1, dtype=np.int32),
-            np.full(1, vocab, dtype=np.int32),
-        )
 
-    pieces: list[tuple[GridFields, int]] = []
-    length = test_input = test_output = 0
-    for index, (grid_in, grid_out) in enumerate(pairs):
-        test = index == len(pairs) - 1
-        if index:
-            pieces.append((separator(SEP_PAIR), SEPARATOR))
-            length += 1
-        test_input = length
-        pieces.append((grid_in, TEST_INPUT if test else DEMO_INPUT))
-        pieces.append((separator(SEP_IO), SEPARATOR))
-        length += len(grid_in) + 1
-        test_output = length
-        pieces.append((grid_out, TEST_OUTPUT if test else DEMO_OUTPUT))
-        length += len(grid_out)
+def join_fields(
+    pieces: list[tuple[GridFields, int]], test_input: int, test_output: int, dropped: int = 0
+) -> TaskRow:
+    """A :class:`TaskRow` of ``(fields, role)`` pieces in order."""
     return TaskRow(
         np.concatenate([p.tokens for p, _ in pieces]),
         np.concatenate([p.coordinates for p, _ in pieces]),
@@ -680,6 +712,43 @@ def task_row(pairs: list[tuple[GridFields, GridFields]], vocab: int, max_tokens:
         test_output,
         dropped,
     )
+
+
+def task_row(pairs: list[tuple[GridFields, GridFields]], vocab: int, max_tokens: int) -> TaskRow:
+    """``[in_1, SEP_IO, out_1, SEP_PAIR, ..., in_test, SEP_IO, out_test]`` of (input, output)
+    grids, the test pair last; the earliest demonstrations dropped while it is longer than
+    ``max_tokens`` (the test pair never)."""
+    dropped = 0
+    while len(pairs) > 1 and sum(len(a) + len(b) + 2 for a, b in pairs) - 1 > max_tokens:
+        pairs, dropped = pairs[1:], dropped + 1
+
+    pieces: list[tuple[GridFields, int]] = []
+    length = test_input = test_output = 0
+    for index, (grid_in, grid_out) in enumerate(pairs):
+        test = index == len(pairs) - 1
+        if index:
+            pieces.append((separator(vocab, SEP_PAIR), SEPARATOR))
+            length += 1
+        test_input = length
+        pieces.append((grid_in, TEST_INPUT if test else DEMO_INPUT))
+        pieces.append((separator(vocab, SEP_IO), SEPARATOR))
+        length += len(grid_in) + 1
+        test_output = length
+        pieces.append((grid_out, TEST_OUTPUT if test else DEMO_OUTPUT))
+        length += len(grid_out)
+    return join_fields(pieces, test_input, test_output, dropped)
+
+
+def document_row(spans: list[GridFields], vocab: int) -> TaskRow:
+    """``[span_1, SEP, span_2, SEP, ..., span_k]``: the spans before the last are context
+    (``DEMO_OUTPUT``, scored in training), the last is the one measured (``TEST_OUTPUT``)."""
+    pieces: list[tuple[GridFields, int]] = []
+    for index, span in enumerate(spans):
+        if index:
+            pieces.append((separator(vocab, SEP_IO), SEPARATOR))
+        pieces.append((span, TEST_OUTPUT if index == len(spans) - 1 else DEMO_OUTPUT))
+    last = sum(len(p) for p, _ in pieces) - len(spans[-1])
+    return join_fields(pieces, last, last)
 
 
 @dataclass
@@ -826,7 +895,7 @@ class TaskSequences(Sequences):
         flat = [g for task in grids for g in task]
         data.train_items = [g for task in grids[: len(train)] for g in task]
         data.val_items = [g for task in grids[len(augmented) :] for g in task]
-        rows = self._grid_rows(data, flat, copies)
+        rows = self._grid_rows(data, flat, copies, ("task", prior.max_tasks, len(flat)))
         fields = grid_fields(data.layout, rows)
         sequences, start = [], 0
         for task in grids:
@@ -835,10 +904,11 @@ class TaskSequences(Sequences):
             start += len(task)
         data.train_rows, data.val_rows = sequences[: len(augmented)], sequences[len(augmented) :]
 
-    def _grid_rows(self, data: PriorData, grids: list, copies: int) -> list[np.ndarray]:
-        """Every grid's token row (codes encoded once, cached beside the tokenizer)."""
-        tokenizer, prior = data.tokenizer, data.config.prior
-        cached = data.cache_file(copies, ("task", prior.max_tasks, len(grids)))
+    def _grid_rows(self, data: PriorData, grids: list, copies: int, key: tuple) -> list[np.ndarray]:
+        """Every grid's token row (codes encoded once, cached beside the tokenizer under
+        ``key``, what picked the grids)."""
+        tokenizer = data.tokenizer
+        cached = data.cache_file(copies, (*key, items_digest(grids)))
         if cached is not None and cached.is_file():
             with np.load(cached, allow_pickle=False) as saved:
                 rows = _unflatten(saved["rows"], saved["offsets"])
@@ -851,7 +921,7 @@ class TaskSequences(Sequences):
         try:
             rows = [data.layout.tokens(c) for c in codes]
         except ValueError as error:
-            raise TaskError(f"the grids do not fit the prior's token layout: {error}") from None
+            raise TaskError(f"the items do not fit the prior's token layout: {error}") from None
         if cached is not None:
             flat, offsets = _flatten(rows)
             _atomic_savez(
@@ -946,6 +1016,171 @@ class TaskSequences(Sequences):
         return metrics
 
 
+# ------------------------------------------------------------------------ context=document
+class DocumentQuality(TaskQuality):
+    """:class:`TaskQuality` of spans after the spans before them, under a document's names."""
+
+    def compute(self) -> dict[str, float]:
+        task = super().compute()
+        return {
+            "prior_bits": task["test_output_bits"],
+            "prior_bits_alone": task["test_output_bits_alone"],
+            "context_gain_bits": task["demonstration_gain_bits"],
+            "bits_per_token": task["bits_per_token"],
+            "uniform_code_bits": task["uniform_code_bits"],
+            "sequence_bits_per_token": task["sequence_bits_per_token"],
+        }
+
+
+def _first_items(documents: list[list], limit: int | None) -> list[list]:
+    """The documents' first ``limit`` items in order (None: all), the last document cut
+    short; empty documents left out."""
+    out, left = [], math.inf if limit is None else limit
+    for document in documents:
+        if left <= 0:
+            break
+        if document:
+            out.append(list(document[: int(min(left, len(document)))]))
+            left -= len(out[-1])
+    return out
+
+
+def windows(count: int, size: int) -> list[tuple[int, int]]:
+    """Training windows ``(start, end)`` over ``count`` consecutive items: ``size`` items each,
+    starting every ``size // 2`` (so every item is also seen late in a window), the last
+    ending at ``count``; one window when ``count <= size``."""
+    if count <= size:
+        return [(0, count)]
+    stride = max(size // 2, 1)
+    starts = list(range(0, count - size, stride)) + [count - size]
+    return [(start, start + size) for start in starts]
+
+
+class DocumentSequences(TaskSequences):
+    """``context=document``: consecutive spans of one document, ``[BOS, s_1, SEP, s_2, ...,
+    SEP, s_k]``, each span its token row (its codes or raw tokens), at most
+    ``prior.document_spans`` spans a sequence. Training: windows of that many spans every half
+    window, the loss on every span token. Validation: one sequence per validation span, ending
+    with it after the spans before it in its document (as many as fit), scored on that span:
+    ``prior_bits`` given those spans, ``prior_bits_alone`` as a one-span sequence."""
+
+    condition_vocab = 1
+    label = ", consecutive spans"
+
+    def unit(self, data: PriorData) -> str:
+        return f"{data.tokenizer.source.unit} after the ones before them"
+
+    def build(self, data: PriorData) -> None:
+        config, tokenizer = data.config, data.tokenizer
+        size = config.prior.document_spans
+        try:
+            train, val = tokenizer.source.prior_documents()
+        except (ValueError, OSError) as error:
+            raise TaskError(str(error)) from None
+        limits = config.data  # this run's limits apply to the source's spans too, in order
+        train = _first_items(train, limits.max_samples)
+        val = _first_items(val, limits.max_final_val_samples)
+        if not train or not val:
+            raise TaskError(
+                f"context=document needs training and validation documents; got {len(train)} "
+                f"and {len(val)}"
+            )
+        data.train_items = [item for document in train for item in document]
+        data.val_items = [item for document in val for item in document]
+        flat = data.train_items + data.val_items
+        key = ("document", len(data.train_items), len(data.val_items))
+        rows = self._grid_rows(data, flat, 1, key)  # sets data.layout
+        fields = grid_fields(data.layout, rows)
+        vocab = data.layout.vocab_size
+        data.train_rows, start = [], 0
+        for document in train:
+            for a, b in windows(len(document), size):
+                data.train_rows.append(document_row(fields[start + a : start + b], vocab))
+            start += len(document)
+        data.val_rows, data.val_contexts = [], []
+        for document in val:
+            for j in range(len(document)):
+                first = max(j - size + 1, 0)
+                data.val_rows.append(document_row(fields[start + first : start + j + 1], vocab))
+                data.val_contexts.append(document[first:j])
+            start += len(document)
+        data.documents = (len(train), len(val))
+
+    def describe(self, data: PriorData) -> str:
+        tokens = np.mean([len(r) for r in data.val_rows])
+        train_documents, val_documents = data.documents
+        return (
+            f"training on {data.train_size} windows of up to "
+            f"{data.config.prior.document_spans} consecutive spans ({len(data.train_items)} "
+            f"{data.tokenizer.source.unit} in {train_documents} documents, "
+            f"{data.tokenizer.describe()}), validating on {data.val_size} spans after the ones "
+            f"before them ({val_documents} documents, {tokens:.0f} tokens a sequence on "
+            f"average, vocabulary {data.layout.vocab_size})"
+        )
+
+    def train_dataset(self, data: PriorData):
+        return data.train_rows
+
+    def new_metrics(self, **kwargs) -> DocumentQuality:
+        return DocumentQuality(**kwargs)
+
+    @torch.no_grad()
+    def sample_rows(
+        self, prior: CodePrior, data: PriorData, count: int, generator, batch_size=64, **drawing
+    ):
+        """``count`` documents of ``prior.document_spans`` spans, each span drawn after the
+        ones drawn before it (``[BOS, s_1, SEP, ..., s_j, SEP]``)."""
+        layout, vocab = prior.layout, prior.layout.vocab_size
+        sep = np.array([vocab + SEP_IO])
+        out = []
+        for _ in range(count):
+            rows: list[np.ndarray] = []
+            for _ in range(data.config.prior.document_spans):
+                condition = coordinates = None
+                if rows:
+                    row = document_row(grid_fields(layout, rows), vocab)
+                    condition = torch.as_tensor(np.concatenate([row.tokens, sep])).long()
+                    coordinates = np.concatenate([row.coordinates, np.zeros((1, 3))])
+                    coordinates = torch.as_tensor(coordinates).long()
+                    device = prior.head.weight.device
+                    condition, coordinates = condition.to(device), coordinates.to(device)
+                tokens = prior.sample(
+                    1,
+                    condition,
+                    generator=generator,
+                    condition_coordinates=coordinates,
+                    **drawing,
+                )
+                rows.append(tokens[0, : int(layout.lengths(tokens)[0])].cpu().numpy())
+            out.append(rows)
+        return out
+
+    def join(self, items: list) -> object:
+        """A sampled document's spans (token arrays) as one item: their tokens in order."""
+        return np.concatenate([np.asarray(item) for item in items])
+
+    @torch.no_grad()
+    def measure(self, prior, data, device, memorisation: bool = False) -> dict[str, float]:
+        """Every final validation span after the spans before it: the prior's bits (and
+        alone), the decoder's bits given the span's codes, their sum, and the source's
+        baselines on the same spans, alone and after the same spans before them."""
+        was_training = prior.training
+        prior.eval()
+        quality = DocumentQuality(sync_on_compute=False).to(device)
+        for batch in data.final_dataloader():
+            self.score(prior, move_data_to_device(batch, device), quality)
+        prior.train(was_training)
+        metrics = quality.compute()
+        tokenizer = data.tokenizer
+        codes = tokenizer.codes_of(data.layout, [r.test_output_tokens for r in data.val_rows])
+        metrics.update(_decoder_and_baselines(tokenizer, data.val_items, codes, metrics))
+        model = None if tokenizer.raw else tokenizer.model
+        metrics.update(
+            tokenizer.source.baselines_in_context(data.val_items, data.val_contexts, model)
+        )
+        return metrics
+
+
 def _exact(items: list, truths: list) -> float:
     """The share of ``items`` equal to their truth (shape and every cell); None never is."""
     hits = [
@@ -1025,7 +1260,11 @@ def solve_metrics(
     return metrics
 
 
-SEQUENCES: dict[str, type[Sequences]] = {"item": ItemSequences, "task": TaskSequences}
+SEQUENCES: dict[str, type[Sequences]] = {
+    "item": ItemSequences,
+    "task": TaskSequences,
+    "document": DocumentSequences,
+}
 
 
 class PriorModule(CodeModule):
@@ -1068,6 +1307,8 @@ class PriorTask(Task):
         "test_output_bits",
         "test_output_bits_alone",
         "demonstration_gain_bits",
+        "prior_bits_alone",
+        "context_gain_bits",
         "solve_rate_greedy",
         "solve_rate_best_of_k",
     )
@@ -1077,7 +1318,12 @@ class PriorTask(Task):
         ("loss (nats per token)", ["train/loss"]),
         (
             "bits per item",
-            ["val/prior_bits", "val/test_output_bits_alone", "val/uniform_code_bits"],
+            [
+                "val/prior_bits",
+                "val/test_output_bits_alone",
+                "val/prior_bits_alone",
+                "val/uniform_code_bits",
+            ],
         ),
     ]
 
@@ -1186,8 +1432,9 @@ class PriorTask(Task):
         seed: int = 0,
         batch_size: int = 64,
     ) -> dict:
-        """Draw ``count`` token strings, decode them to items, write them into ``out`` and say
-        what they are like."""
+        """Draw ``count`` samples (items; ``context=document``: documents of consecutive
+        spans), decode them, write them into ``out`` and say what they are like (of their
+        items)."""
         if count < 1:
             raise TaskError(f"-n must be at least 1; got {count}")
         try:
@@ -1196,25 +1443,20 @@ class PriorTask(Task):
             raise
         model.eval()
         generator = torch.Generator().manual_seed(seed)
-        rows = []
-        for start in range(0, count, batch_size):
-            tokens = model.sample(
-                min(batch_size, count - start),
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )
-            lengths = model.layout.lengths(tokens)
-            rows.extend(row[: int(n)].numpy() for row, n in zip(tokens, lengths, strict=True))
+        drawing = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        samples = self.sequences.sample_rows(model, data, count, generator, batch_size, **drawing)
         source = data.tokenizer.source
-        items, codes = data.tokenizer.items_of(model.layout, rows)
+        items, codes = data.tokenizer.items_of(model.layout, [r for rows in samples for r in rows])
         statistics = source.sample_statistics(items, data.train_items, data.val_items)
         if not data.tokenizer.raw:
             statistics.update(source.sample_well_formed(data.tokenizer.model, codes, items))
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        files = source.write_samples(items, out)
+        joined, start = [], 0
+        for rows in samples:
+            joined.append(self.sequences.join(items[start : start + len(rows)]))
+            start += len(rows)
+        files = source.write_samples(joined, out)
         return {"samples": count, "unit": source.unit, "files": files, **statistics}
 
     def report_sections(self, model: CodePrior, run_dir: Path) -> dict[str, str]:
@@ -1234,6 +1476,9 @@ class PriorTask(Task):
                 "exact_bits",
                 "test_output_bits",
                 "test_output_bits_alone",
+                "prior_bits_alone",
+                "lm_bits",
+                "lm_bits_in_context",
                 "solve_rate_greedy",
                 "solve_rate_best_of_k",
             )

@@ -24,7 +24,14 @@ from torchmetrics import Metric
 
 from pips.config import option
 from pips.data.compressors import compressor_baselines
-from pips.data.text import TEXT_SOURCES, cut_spans, load_documents, token_ids
+from pips.data.text import (
+    TEXT_SOURCES,
+    cut_spans,
+    documents_of,
+    load_documents,
+    shuffled,
+    token_ids,
+)
 from pips.models.build import build_quantizer, quantizer_dim
 from pips.models.code_tokens import IndexSplit, PooledLayout
 from pips.models.text_vae import (
@@ -95,6 +102,13 @@ class TextConfig:
         "quantizer its own channel count as model.quantizer.dim (FSQ: one per level, as the "
         "preset does) so that no projection inside the quantizer shrinks them again",
     )
+    bow_weight: float = option(
+        0.0,
+        "weight of a bag-of-words loss: the codes alone must predict the span's tokens, order "
+        "ignored, through the LM's output embeddings (Zhao et al. 2017), so they carry its "
+        "content from the first step (0: off)",
+        min=0,
+    )
     lm_dtype: str = option(
         "auto",
         "the frozen base's weights: auto (bfloat16 when training on a GPU, else float32), "
@@ -135,9 +149,13 @@ class TextDataModule(TensorDataModule):
             raise TaskError(str(error)) from None
         self.vocab_size = int(len(tokenizer))
         splits = []
+        self.previous = []  # per split: each span's predecessor in its document, -1 for none
         for split in ("training", "validation"):
             documents = load_documents(text.source, split, text.val_fraction)
             spans, previous = cut_spans(documents, tokenizer, text.span_tokens)
+            if split == "validation":  # batches of many texts (see shuffled)
+                spans, previous = shuffled(spans, previous)
+            self.previous.append(previous)
             if text.mode == "overlap":
                 keep = previous >= 0
                 context = spans[previous[keep]]
@@ -237,6 +255,13 @@ class TextModule(AutoencoderModule):
             return "kl", self.kl_weight(step)
         return "quantizer", values["quantizer_weight"]
 
+    def add_latent_terms(self, output, losses: dict, step: int, values: dict):
+        """The bag-of-words loss (``text.bow_weight``) joins the total, logged as ``bow``."""
+        if output.bow_nats is not None:
+            losses["total"] = losses["total"] + self.config.text.bow_weight * output.bow_nats
+            losses["bow"] = output.bow_nats
+        return super().add_latent_terms(output, losses, step, values)
+
     def validation_step(self, batch: TextBatch, batch_idx: int) -> None:
         values = self.quantizer_values(self.global_step)
         self.task.score(self.model, batch, self.val_quality, self.val_codes, values)
@@ -307,6 +332,7 @@ class TextTask(TensorTask):
             text.prefix_scale,
             text.inject,
             text.latent_norm,
+            bow=text.bow_weight > 0,
         )
 
     def lm_dtype(self) -> torch.dtype:
@@ -487,6 +513,19 @@ class TextTask(TensorTask):
         self._spans_alone("a prior over text codes")
         return super().prior_items()
 
+    def prior_documents(self) -> tuple[list, list]:
+        """Each document's consecutive spans (``data.max_samples`` training spans and
+        ``data.max_final_val_samples`` validation spans, in order, as ``prior_items``)."""
+        self._spans_alone("a prior over consecutive spans' codes")
+        data = self.datamodule()
+        limit = self.config.data.max_final_val_samples
+        val = data.val_items[0][:limit] if limit else data.val_items[0]
+        out = []
+        for spans, previous in ((data.train_items[0], data.previous[0]), (val, data.previous[1])):
+            spans = spans.numpy()
+            out.append([list(spans[i]) for i in documents_of(previous[: len(spans)])])
+        return out[0], out[1]
+
     def raw_layout(self, items: list) -> PooledLayout:
         """The spans' own LM tokens, one token each (a prior from scratch over the LM's
         tokenizer: the no-latent baseline)."""
@@ -518,17 +557,7 @@ class TextTask(TensorTask):
         spans' UTF-8 text (zlib per span, xz over all, order-0 of the bytes). The frozen LM is
         the text VAE's own base when ``model`` is one; a raw prior loads it from ``text.lm``."""
         text = self.config.text
-        if model is not None:
-            model.eval()
-            lm_logits, device = model.base_logits, next(model.parameters()).device
-        else:
-            try:
-                lm = load_causal_lm(text.lm).eval()
-            except LMError as error:
-                raise TaskError(str(error)) from None
-            bos = lm.config.bos_token_id if lm.config.bos_token_id is not None else 0
-            lm_logits = functools.partial(logits_after_bos, lm, bos_token_id=bos)
-            device = torch.device("cpu")
+        lm_logits, device = self._frozen_lm(model)
         bits = []
         for start in range(0, len(items), batch_size):
             tokens = torch.as_tensor(np.stack(items[start : start + batch_size])).long()
@@ -540,6 +569,39 @@ class TextTask(TensorTask):
         # spans are framed by a separator a span never holds: NUL
         values = compressor_baselines(data, symbols, separator=b"\0")
         return {"lm_bits": float(torch.cat(bits).mean()), **values}
+
+    @torch.no_grad()
+    def baselines_in_context(self, items: list, contexts: list, model=None, batch_size: int = 32):
+        """``lm_bits_in_context``: the frozen LM's bits per span after BOS and the text of the
+        spans before it (``contexts``), what a next-span model has to beat."""
+        lm_logits, device = self._frozen_lm(model)
+        groups: dict[int, list[int]] = {}  # spans by their context's length, batched alike
+        for i, context in enumerate(contexts):
+            groups.setdefault(sum(len(c) for c in context), []).append(i)
+        total = 0.0
+        for length, members in groups.items():
+            for start in range(0, len(members), batch_size):
+                rows = members[start : start + batch_size]
+                tokens = torch.as_tensor(np.stack([items[i] for i in rows])).long().to(device)
+                context = None
+                if length:
+                    joined = np.stack([np.concatenate(contexts[i]) for i in rows])
+                    context = torch.as_tensor(joined).long().to(device)
+                total += float(span_nll_bits(lm_logits(tokens, context=context), tokens).sum())
+        return {"lm_bits_in_context": total / max(len(items), 1)}
+
+    def _frozen_lm(self, model=None):
+        """(logits of a span after BOS and optional context, device) of the frozen LM: the text
+        VAE's own base when ``model`` is one, else loaded from ``text.lm``."""
+        if model is not None:
+            model.eval()
+            return model.base_logits, next(model.parameters()).device
+        try:
+            lm = load_causal_lm(self.config.text.lm).eval()
+        except LMError as error:
+            raise TaskError(str(error)) from None
+        bos = lm.config.bos_token_id if lm.config.bos_token_id is not None else 0
+        return functools.partial(logits_after_bos, lm, bos_token_id=bos), torch.device("cpu")
 
     def write_samples(self, samples: list, out: Path) -> list[str]:
         """``samples.jsonl``: each sampled span decoded to text."""
