@@ -348,3 +348,36 @@ def test_a_document_prior_needs_documents(tmp_path):
     config = load_config(None, ["task=grids"])
     with pytest.raises(TaskError, match="follow each other in documents"):
         get_task(config).prior_documents()
+
+
+def test_a_next_span_prior_over_an_overlap_run_decodes_each_span_after_the_one_before(
+    tiny_lm, tmp_path
+):
+    from pips.tasks.base import get_task
+    from pips.tasks.checkpoints import find_checkpoint, load_model
+    from pips.tasks.text import span_nll_bits
+
+    root = f"run_root={tmp_path}"
+    trained = invoke("train", *common(tiny_lm), "text.mode=overlap", root, "name=vae")
+    assert trained.exit_code == 0, trained.output
+    arguments = ["prior.context=document", "prior.document_spans=3"]
+    result = invoke("train", *prior_arguments(tmp_path / "vae", *arguments), root, "name=next")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "next" / "summary.json").read_text())
+    # slow reference: each validation span's codes, decoded one span at a time after the span
+    # before it (a document's first after BOS alone)
+    loaded = load_model(find_checkpoint(tmp_path / "vae"))
+    model = loaded.model.eval()
+    config = loaded.config
+    _, documents = get_task(config).prior_documents()
+    bits = []
+    with torch.no_grad():
+        for document in documents:
+            for j, span in enumerate(document):
+                tokens = torch.as_tensor(span)[None].long()
+                quantized = model.encode(tokens).quantizer.quantized
+                context = torch.as_tensor(document[j - 1])[None].long() if j else None
+                bits.append(float(span_nll_bits(model.decode(quantized, tokens, context), tokens)))
+    assert summary["decoder_bits"] == pytest.approx(sum(bits) / len(bits), rel=1e-4)
+    refused = invoke("sample", tmp_path / "next", "-n", "1", "--out", tmp_path / "s")
+    assert refused.exit_code == 2 and "text.mode=overlap" in refused.output

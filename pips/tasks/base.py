@@ -296,6 +296,13 @@ class Task:
         code), or None when the decoder gives no such distribution (continuous items)."""
         return None
 
+    def decoder_bits_in_context(
+        self, model: torch.nn.Module, items: list, codes: list, contexts: list
+    ) -> np.ndarray | None:
+        """:meth:`decoder_bits` of items each after its ``contexts`` entry (the items before it
+        in its document); by default the decoder reads no context."""
+        return self.decoder_bits(model, items, codes)
+
     def baselines(self, items: list, model: torch.nn.Module | None = None) -> dict[str, float]:
         """Codelength baselines measured on the same items, bits per item (zlib, xz, ...);
         ``model`` is the tokenizer run's model (None for a raw prior), for a baseline it holds

@@ -593,13 +593,19 @@ class ItemSequences(Sequences):
         return {**metrics, **_decoder_and_baselines(data.tokenizer, items, codes, metrics)}
 
 
-def _decoder_and_baselines(tokenizer: Tokenizer, items: list, codes: list, metrics: dict):
-    """The decoder's part of the two-part code and the source's baselines, on ``items``."""
+def _decoder_and_baselines(
+    tokenizer: Tokenizer, items: list, codes: list, metrics: dict, contexts: list | None = None
+):
+    """The decoder's part of the two-part code and the source's baselines, on ``items`` (each
+    after its ``contexts`` entry, the items before it, when given)."""
     out = {}
+    source = tokenizer.source
     if tokenizer.raw:
         decoder = np.zeros(len(items))  # the tokens are the item: nothing left to code
+    elif contexts is None:
+        decoder = source.decoder_bits(tokenizer.model, items, codes)
     else:
-        decoder = tokenizer.source.decoder_bits(tokenizer.model, items, codes)
+        decoder = source.decoder_bits_in_context(tokenizer.model, items, codes, contexts)
     if decoder is not None:
         out["decoder_bits"] = float(np.mean(decoder))
         out["codelength_bits"] = metrics["prior_bits"] + out["decoder_bits"]
@@ -1173,7 +1179,8 @@ class DocumentSequences(TaskSequences):
         metrics = quality.compute()
         tokenizer = data.tokenizer
         codes = tokenizer.codes_of(data.layout, [r.test_output_tokens for r in data.val_rows])
-        metrics.update(_decoder_and_baselines(tokenizer, data.val_items, codes, metrics))
+        contexts = data.val_contexts
+        metrics.update(_decoder_and_baselines(tokenizer, data.val_items, codes, metrics, contexts))
         model = None if tokenizer.raw else tokenizer.model
         metrics.update(
             tokenizer.source.baselines_in_context(data.val_items, data.val_contexts, model)

@@ -150,12 +150,14 @@ class TextDataModule(TensorDataModule):
         self.vocab_size = int(len(tokenizer))
         splits = []
         self.previous = []  # per split: each span's predecessor in its document, -1 for none
+        self.spans = []  # per split: every span (overlap mode keeps only those with one)
         for split in ("training", "validation"):
             documents = load_documents(text.source, split, text.val_fraction)
             spans, previous = cut_spans(documents, tokenizer, text.span_tokens)
             if split == "validation":  # batches of many texts (see shuffled)
                 spans, previous = shuffled(spans, previous)
             self.previous.append(previous)
+            self.spans.append(spans)
             if text.mode == "overlap":
                 keep = previous >= 0
                 context = spans[previous[keep]]
@@ -393,6 +395,7 @@ class TextTask(TensorTask):
 
     def decode_codes(self, model: TextVAE, indices: torch.Tensor) -> torch.Tensor:
         """Greedy span tokens ``[B, T]`` from code indices ``[B, N]`` (no context)."""
+        self._spans_alone("decoding codes to spans")
         quantized = model.quantizer.codes_to_quantized(indices)
         return model.generate(quantized, self.config.text.span_tokens)
 
@@ -514,16 +517,20 @@ class TextTask(TensorTask):
         return super().prior_items()
 
     def prior_documents(self) -> tuple[list, list]:
-        """Each document's consecutive spans (``data.max_samples`` training spans and
-        ``data.max_final_val_samples`` validation spans, in order, as ``prior_items``)."""
-        self._spans_alone("a prior over consecutive spans' codes")
+        """Each document's consecutive spans, whole documents in order until
+        ``data.max_samples`` training and ``data.max_final_val_samples`` validation spans
+        (the validation spans are not then the shuffled ones ``prior_items`` gives; with
+        ``text.mode=overlap`` each document's first span is kept too)."""
         data = self.datamodule()
-        limit = self.config.data.max_final_val_samples
-        val = data.val_items[0][:limit] if limit else data.val_items[0]
+        limits = (self.config.data.max_samples, self.config.data.max_final_val_samples)
         out = []
-        for spans, previous in ((data.train_items[0], data.previous[0]), (val, data.previous[1])):
-            spans = spans.numpy()
-            out.append([list(spans[i]) for i in documents_of(previous[: len(spans)])])
+        for spans, previous, limit in zip(data.spans, data.previous, limits, strict=True):
+            documents, left = [], len(spans) if limit is None else limit
+            for chain in documents_of(previous):  # whole documents first, in order
+                if left > 0:
+                    documents.append([spans[i] for i in chain[:left]])
+                    left -= len(documents[-1])
+            out.append(documents)
         return out[0], out[1]
 
     def raw_layout(self, items: list) -> PooledLayout:
@@ -549,6 +556,32 @@ class TextTask(TensorTask):
             logits = model.decode(quantized, tokens.to(device))
             out.append(span_nll_bits(logits, tokens.to(device)).double().cpu())
         return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def decoder_bits_in_context(self, model: TextVAE, items: list, codes: list, contexts: list):
+        """``-log2 p(span | codes, the spans before it)``: with ``text.mode=overlap`` the decoder
+        reads the previous span as plain context (a document's first span has none and is
+        decoded after BOS alone, as it never was in training); with ``span`` it reads no
+        context and this is :meth:`decoder_bits`."""
+        if self.config.text.mode != "overlap":
+            return self.decoder_bits(model, items, codes)
+        model.eval()
+        device = next(model.parameters()).device
+        bits = np.zeros(len(items))
+        for first in (True, False):
+            rows = [i for i, c in enumerate(contexts) if (len(c) == 0) == first]
+            for start in range(0, len(rows), 32):
+                chosen = rows[start : start + 32]
+                tokens = torch.as_tensor(np.stack([items[i] for i in chosen])).long().to(device)
+                indices = torch.as_tensor(np.stack([codes[i] for i in chosen])).long()
+                quantized = model.quantizer.codes_to_quantized(indices.to(device))
+                context = None
+                if not first:
+                    previous = np.stack([contexts[i][-1] for i in chosen])
+                    context = torch.as_tensor(previous).long().to(device)
+                logits = model.decode(quantized, tokens, context)
+                bits[chosen] = span_nll_bits(logits, tokens).double().cpu().numpy()
+        return bits
 
     @torch.no_grad()
     def baselines(self, items: list, model=None, batch_size: int = 32) -> dict[str, float]:
