@@ -294,6 +294,7 @@ def test_a_next_span_prior_scores_each_span_after_the_spans_before_it(tiny_lm, t
     # samples: documents of 3 spans, each drawn after the ones before it
     sampled = invoke("sample", tmp_path / "next", "-n", "2", "--out", tmp_path / "docs")
     assert sampled.exit_code == 0, sampled.output
+    assert "2 documents of 3 spans sampled into" in sampled.output
     lines = (tmp_path / "docs" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(len(json.loads(line)["text"]) >= 3 for line in lines)
     evaluated = invoke("evaluate", tmp_path / "next")

@@ -453,6 +453,10 @@ class Sequences:
         """One sample's items as what is written (here the one item)."""
         return items[0]
 
+    def sample_unit(self, data: PriorData) -> str:
+        """What one sample is called."""
+        return data.tokenizer.source.unit
+
 
 # ---------------------------------------------------------------------------- context=item
 @dataclass
@@ -1165,6 +1169,9 @@ class DocumentSequences(TaskSequences):
         """A sampled document's spans (token arrays) as one item: their tokens in order."""
         return np.concatenate([np.asarray(item) for item in items])
 
+    def sample_unit(self, data: PriorData) -> str:
+        return f"documents of {data.config.prior.document_spans} {data.tokenizer.source.unit}"
+
     @torch.no_grad()
     def measure(self, prior, data, device, memorisation: bool = False) -> dict[str, float]:
         """Every final validation span after the spans before it: the prior's bits (and
@@ -1464,7 +1471,8 @@ class PriorTask(Task):
             joined.append(self.sequences.join(items[start : start + len(rows)]))
             start += len(rows)
         files = source.write_samples(joined, out)
-        return {"samples": count, "unit": source.unit, "files": files, **statistics}
+        unit = self.sequences.sample_unit(data)
+        return {"samples": count, "unit": unit, "files": files, **statistics}
 
     def report_sections(self, model: CodePrior, run_dir: Path) -> dict[str, str]:
         """The codelength table (from summary.json, beside the baselines) and 16 fresh

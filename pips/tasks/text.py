@@ -2,8 +2,9 @@
 (:class:`~pips.models.text_vae.TextVAE`), trained on the span's teacher-forced cross-entropy.
 
 Validation, in bits per span on held-out spans: ``nll_bits`` (the decoder with the span's own
-codes), ``nll_rolled_bits`` (with another span's codes: the batch rolled by one),
-``codes_bits_carried`` = their difference (what the codes really tell the decoder), its share of
+codes), ``nll_rolled_bits`` (with another span's codes: the batch rolled by one; the validation
+spans are held in a fixed shuffled order, so that span is mostly another text's, not the next
+one), ``codes_bits_carried`` = their difference (what the codes really tell the decoder), its share of
 the latent's capacity, ``lm_nll_bits`` (the frozen LM alone: no latent, no adapters), and the
 exact-token accuracy of the teacher-forced decoder with its own codes.
 """
@@ -637,8 +638,10 @@ class TextTask(TensorTask):
         return functools.partial(logits_after_bos, lm, bos_token_id=bos), torch.device("cpu")
 
     def write_samples(self, samples: list, out: Path) -> list[str]:
-        """``samples.jsonl``: each sampled span decoded to text."""
-        return [self.write_items(samples, {}, Path(out) / "samples.jsonl")]
+        """``samples.jsonl``: each sample (a span, or a document of spans) decoded to text."""
+        path = Path(out) / "samples.jsonl"
+        self.write_items(samples, {}, path)
+        return [str(path)]
 
     def _generation(self, model, seed):
         """(tokenizer, device, seeded generator) for decoding; the model in eval mode."""
