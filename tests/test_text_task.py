@@ -280,17 +280,18 @@ def test_a_next_span_prior_scores_each_span_after_the_spans_before_it(tiny_lm, t
     config = load_config(tmp_path / "vae" / "config.yaml", [])
     _, documents = get_task(config).prior_documents()
     lm = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
-    bits, left = [], 12
-    for document in documents:
-        for j, span in enumerate(document[:left]):
-            context = [int(t) for s in document[max(j - 2, 0) : j] for t in s]
-            ids = torch.tensor([[lm.config.bos_token_id, *context, *map(int, span)]])
-            with torch.no_grad():
-                logp = lm(input_ids=ids).logits[0, :-1].log_softmax(-1)
-            nats = -logp[len(context) :].gather(1, ids[0, len(context) + 1 :, None]).sum()
-            bits.append(float(nats) / math.log(2))
-        left -= len(document[:left])
-    assert summary["val_lm_bits_in_context"] == pytest.approx(sum(bits) / len(bits), rel=1e-4)
+    for key, before in (("lm_bits_in_context", 2), ("lm_bits_after_previous", 1)):
+        bits, left = [], 12
+        for document in documents:
+            for j, span in enumerate(document[:left]):
+                context = [int(t) for s in document[max(j - before, 0) : j] for t in s]
+                ids = torch.tensor([[lm.config.bos_token_id, *context, *map(int, span)]])
+                with torch.no_grad():
+                    logp = lm(input_ids=ids).logits[0, :-1].log_softmax(-1)
+                nats = -logp[len(context) :].gather(1, ids[0, len(context) + 1 :, None]).sum()
+                bits.append(float(nats) / math.log(2))
+            left -= len(document[:left])
+        assert summary[f"val_{key}"] == pytest.approx(sum(bits) / len(bits), rel=1e-4), key
     # samples: documents of 3 spans, each drawn after the ones before it
     sampled = invoke("sample", tmp_path / "next", "-n", "2", "--out", tmp_path / "docs")
     assert sampled.exit_code == 0, sampled.output

@@ -69,7 +69,9 @@ order) is one sequence ending with it after the spans before it. ``prior_bits`` 
 given those spans, ``prior_bits_alone`` as ``[BOS, span]``, ``context_gain_bits`` their
 difference; ``decoder_bits``, ``codelength_bits`` and the baselines are of the same spans, with
 the source's ``lm_bits_in_context`` (the frozen LM after the text of the same spans before it)
-beside ``lm_bits`` (after BOS alone).
+and ``lm_bits_after_previous`` (after the one span before it) beside ``lm_bits`` (after BOS
+alone). With a ``text.mode=overlap`` tokenizer the decoder's bits are of each span after the
+previous span's text (``Task.decoder_bits_in_context``).
 
 The three contexts are three :class:`Sequences` (:class:`ItemSequences`, :class:`TaskSequences`,
 :class:`DocumentSequences`):

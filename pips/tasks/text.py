@@ -606,23 +606,34 @@ class TextTask(TensorTask):
 
     @torch.no_grad()
     def baselines_in_context(self, items: list, contexts: list, model=None, batch_size: int = 32):
-        """``lm_bits_in_context``: the frozen LM's bits per span after BOS and the text of the
-        spans before it (``contexts``), what a next-span model has to beat."""
+        """The frozen LM's bits per span after BOS and the text of the spans before it
+        (``contexts``): ``lm_bits_in_context``, what a next-span model has to beat, and
+        ``lm_bits_after_previous``, after the one span before it (what an overlap decoder
+        reads), both over the same spans (a document's first after BOS alone)."""
         lm_logits, device = self._frozen_lm(model)
-        groups: dict[int, list[int]] = {}  # spans by their context's length, batched alike
-        for i, context in enumerate(contexts):
-            groups.setdefault(sum(len(c) for c in context), []).append(i)
-        total = 0.0
-        for length, members in groups.items():
-            for start in range(0, len(members), batch_size):
-                rows = members[start : start + batch_size]
-                tokens = torch.as_tensor(np.stack([items[i] for i in rows])).long().to(device)
-                context = None
-                if length:
-                    joined = np.stack([np.concatenate(contexts[i]) for i in rows])
-                    context = torch.as_tensor(joined).long().to(device)
-                total += float(span_nll_bits(lm_logits(tokens, context=context), tokens).sum())
-        return {"lm_bits_in_context": total / max(len(items), 1)}
+
+        def mean_bits(contexts: list) -> float:
+            groups: dict[int, list[int]] = {}  # spans by their context's length, batched alike
+            for i, context in enumerate(contexts):
+                groups.setdefault(sum(len(c) for c in context), []).append(i)
+            total = 0.0
+            for length, members in groups.items():
+                for start in range(0, len(members), batch_size):
+                    rows = members[start : start + batch_size]
+                    tokens = torch.as_tensor(np.stack([items[i] for i in rows])).long()
+                    context = None
+                    if length:
+                        joined = np.stack([np.concatenate(contexts[i]) for i in rows])
+                        context = torch.as_tensor(joined).long().to(device)
+                    tokens = tokens.to(device)
+                    bits = span_nll_bits(lm_logits(tokens, context=context), tokens)
+                    total += float(bits.sum())
+            return total / max(len(items), 1)
+
+        return {
+            "lm_bits_in_context": mean_bits(contexts),
+            "lm_bits_after_previous": mean_bits([list(c[-1:]) for c in contexts]),
+        }
 
     def _frozen_lm(self, model=None):
         """(logits of a span after BOS and optional context, device) of the frozen LM: the text
