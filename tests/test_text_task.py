@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,11 +263,11 @@ def test_a_next_span_prior_scores_each_span_after_the_spans_before_it(tiny_lm, t
     assert invoke("train", *common(tiny_lm), root, "name=vae").exit_code == 0
     prior = prior_arguments(
         tmp_path / "vae",
-        "prior.context=document",
         "prior.document_spans=3",
         "data.max_final_val_samples=12",
     )
-    result = invoke("train", *prior, root, "name=next")
+    preset = Path(__file__).resolve().parent.parent / "configs" / "text_next_span.yaml"
+    result = invoke("train", preset, *prior, root, "name=next")  # the preset, made small
     assert result.exit_code == 0, result.output
     assert "consecutive spans" in result.output
     summary = json.loads((tmp_path / "next" / "summary.json").read_text())
