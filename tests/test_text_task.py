@@ -307,12 +307,12 @@ def test_a_next_span_prior_scores_each_span_after_the_spans_before_it(tiny_lm, t
 def test_document_windows_and_rows():
     import numpy as np
 
+    from pips.data.text import first_items
     from pips.tasks.prior import (
         DEMO_OUTPUT,
         SEPARATOR,
         TEST_OUTPUT,
         GridFields,
-        _first_items,
         document_row,
         windows,
     )
@@ -322,8 +322,8 @@ def test_document_windows_and_rows():
     assert windows(5, 1) == [(i, i + 1) for i in range(5)]
     covered = {i for a, b in windows(23, 6) for i in range(a, b)}
     assert covered == set(range(23)) and all(b - a == 6 for a, b in windows(23, 6))
-    assert _first_items([[1, 2], [], [3, 4, 5], [6]], 4) == [[1, 2], [3, 4]]
-    assert _first_items([[1], [2]], None) == [[1], [2]]
+    assert first_items([[1, 2], [], [3, 4, 5], [6]], 4) == [[1, 2], [3, 4]]
+    assert first_items([[1], [2]], None) == [[1], [2]]
 
     def span(values):
         n = len(values)

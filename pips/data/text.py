@@ -10,6 +10,7 @@ per line, one document per grid; ARC-AGI-1's own training/evaluation split), or 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,19 @@ def documents_of(previous: np.ndarray) -> list[np.ndarray]:
             chain.append(following[chain[-1]])
         documents.append(np.asarray(chain, dtype=np.int64))
     return documents
+
+
+def first_items(documents: list, limit: int | None) -> list[list]:
+    """The documents' first ``limit`` items in order (None: all), whole documents first and the
+    last one cut short; empty documents left out."""
+    out, left = [], math.inf if limit is None else limit
+    for document in documents:
+        if left <= 0:
+            break
+        if len(document):
+            out.append(list(document[: int(min(left, len(document)))]))
+            left -= len(out[-1])
+    return out
 
 
 def shuffled(spans: np.ndarray, previous: np.ndarray, seed: int = 0):

@@ -98,6 +98,7 @@ from torchmetrics import Metric
 
 from pips.config import option
 from pips.data.arc import spread_evenly
+from pips.data.text import first_items
 from pips.models.code_tokens import CodeLayout, layout_from_spec, layout_spec
 from pips.models.prior import CodePrior
 from pips.models.range_coding import decode_codes, encode_codes
@@ -438,6 +439,14 @@ class Sequences:
         raise NotImplementedError
 
     @torch.no_grad()
+    def final_quality(self, prior: CodePrior, data: PriorData, device) -> dict[str, float]:
+        """The validation metric over every final validation row (the caller sets the mode)."""
+        quality = self.new_metrics(sync_on_compute=False).to(device)
+        for batch in data.final_dataloader():
+            self.score(prior, move_data_to_device(batch, device), quality)
+        return quality.compute()
+
+    @torch.no_grad()
     def sample_rows(
         self, prior: CodePrior, data: PriorData, count: int, generator, batch_size=64, **drawing
     ):
@@ -589,11 +598,8 @@ class ItemSequences(Sequences):
         source task's baselines on the same items."""
         was_training = prior.training
         prior.eval()
-        quality = PriorQuality(sync_on_compute=False).to(device)
-        for batch in data.final_dataloader():
-            score_batch(prior, move_data_to_device(batch, device), quality)
+        metrics = self.final_quality(prior, data, device)
         prior.train(was_training)
-        metrics = quality.compute()
         count = len(data.final_dataloader().dataset)
         items, codes = data.val_items[:count], data.val_codes[:count]
         return {**metrics, **_decoder_and_baselines(data.tokenizer, items, codes, metrics)}
@@ -603,19 +609,22 @@ def _decoder_and_baselines(
     tokenizer: Tokenizer, items: list, codes: list, metrics: dict, contexts: list | None = None
 ):
     """The decoder's part of the two-part code and the source's baselines, on ``items`` (each
-    after its ``contexts`` entry, the items before it, when given)."""
+    after its ``contexts`` entry, the items before it, when given: then the source's baselines
+    in context too)."""
     out = {}
-    source = tokenizer.source
+    source, model = tokenizer.source, tokenizer.model  # no model: a raw prior
     if tokenizer.raw:
         decoder = np.zeros(len(items))  # the tokens are the item: nothing left to code
     elif contexts is None:
-        decoder = source.decoder_bits(tokenizer.model, items, codes)
+        decoder = source.decoder_bits(model, items, codes)
     else:
-        decoder = source.decoder_bits_in_context(tokenizer.model, items, codes, contexts)
+        decoder = source.decoder_bits_in_context(model, items, codes, contexts)
     if decoder is not None:
         out["decoder_bits"] = float(np.mean(decoder))
         out["codelength_bits"] = metrics["prior_bits"] + out["decoder_bits"]
-    out.update(tokenizer.source.baselines(items, None if tokenizer.raw else tokenizer.model))
+    out.update(source.baselines(items, model))
+    if contexts is not None:
+        out.update(source.baselines_in_context(items, contexts, model))
     return out
 
 
@@ -994,10 +1003,7 @@ class TaskSequences(Sequences):
         ``memorisation`` the greedy solve rate on training tasks."""
         was_training = prior.training
         prior.eval()
-        quality = TaskQuality(sync_on_compute=False).to(device)
-        for batch in data.final_dataloader():
-            self.score(prior, move_data_to_device(batch, device), quality)
-        metrics = quality.compute()
+        metrics = self.final_quality(prior, data, device)
         tokenizer, layout = data.tokenizer, data.layout
         outputs = [pairs[-1][1] for _, pairs in data.val_tasks]
         codes = tokenizer.codes_of(layout, [r.test_output_tokens for r in data.val_rows])
@@ -1044,19 +1050,6 @@ class DocumentQuality(TaskQuality):
         }
 
 
-def _first_items(documents: list[list], limit: int | None) -> list[list]:
-    """The documents' first ``limit`` items in order (None: all), the last document cut
-    short; empty documents left out."""
-    out, left = [], math.inf if limit is None else limit
-    for document in documents:
-        if left <= 0:
-            break
-        if document:
-            out.append(list(document[: int(min(left, len(document)))]))
-            left -= len(out[-1])
-    return out
-
-
 def windows(count: int, size: int) -> list[tuple[int, int]]:
     """Training windows ``(start, end)`` over ``count`` consecutive items: ``size`` items each,
     starting every ``size // 2`` (so every item is also seen late in a window), the last
@@ -1090,8 +1083,8 @@ class DocumentSequences(TaskSequences):
         except (ValueError, OSError) as error:
             raise TaskError(str(error)) from None
         limits = config.data  # this run's limits apply to the source's spans too, in order
-        train = _first_items(train, limits.max_samples)
-        val = _first_items(val, limits.max_final_val_samples)
+        train = first_items(train, limits.max_samples)
+        val = first_items(val, limits.max_final_val_samples)
         if not train or not val:
             raise TaskError(
                 f"context=document needs training and validation documents; got {len(train)} "
@@ -1181,19 +1174,12 @@ class DocumentSequences(TaskSequences):
         baselines on the same spans, alone and after the same spans before them."""
         was_training = prior.training
         prior.eval()
-        quality = DocumentQuality(sync_on_compute=False).to(device)
-        for batch in data.final_dataloader():
-            self.score(prior, move_data_to_device(batch, device), quality)
+        metrics = self.final_quality(prior, data, device)
         prior.train(was_training)
-        metrics = quality.compute()
         tokenizer = data.tokenizer
         codes = tokenizer.codes_of(data.layout, [r.test_output_tokens for r in data.val_rows])
         contexts = data.val_contexts
         metrics.update(_decoder_and_baselines(tokenizer, data.val_items, codes, metrics, contexts))
-        model = None if tokenizer.raw else tokenizer.model
-        metrics.update(
-            tokenizer.source.baselines_in_context(data.val_items, data.val_contexts, model)
-        )
         return metrics
 
 

@@ -29,6 +29,7 @@ from pips.data.text import (
     TEXT_SOURCES,
     cut_spans,
     documents_of,
+    first_items,
     load_documents,
     shuffled,
     token_ids,
@@ -526,12 +527,8 @@ class TextTask(TensorTask):
         limits = (self.config.data.max_samples, self.config.data.max_final_val_samples)
         out = []
         for spans, previous, limit in zip(data.spans, data.previous, limits, strict=True):
-            documents, left = [], len(spans) if limit is None else limit
-            for chain in documents_of(previous):  # whole documents first, in order
-                if left > 0:
-                    documents.append([spans[i] for i in chain[:left]])
-                    left -= len(documents[-1])
-            out.append(documents)
+            documents = [[spans[i] for i in chain] for chain in documents_of(previous)]
+            out.append(first_items(documents, limit))
         return out[0], out[1]
 
     def raw_layout(self, items: list) -> PooledLayout:
@@ -543,20 +540,11 @@ class TextTask(TensorTask):
         return int(len(load_tokenizer(self.config.text.lm)))
 
     @torch.no_grad()
-    def decoder_bits(self, model: TextVAE, items: list, codes: list, batch_size: int = 32):
+    def decoder_bits(self, model: TextVAE, items: list, codes: list):
         """``-log2 p(span | codes)`` per span: the decoder's teacher-forced bits of every token
         of the span given its codes (the span's length is known)."""
         self._spans_alone("the decoder's bits")
-        model.eval()
-        device = next(model.parameters()).device
-        out = []
-        for start in range(0, len(items), batch_size):
-            tokens = torch.as_tensor(np.stack(items[start : start + batch_size])).long()
-            indices = torch.as_tensor(np.stack(codes[start : start + batch_size])).long()
-            quantized = model.quantizer.codes_to_quantized(indices.to(device))
-            logits = model.decode(quantized, tokens.to(device))
-            out.append(span_nll_bits(logits, tokens.to(device)).double().cpu())
-        return torch.cat(out).numpy()
+        return self._decoded_bits(model, items, codes, [None] * len(items))
 
     @torch.no_grad()
     def decoder_bits_in_context(self, model: TextVAE, items: list, codes: list, contexts: list):
@@ -566,87 +554,89 @@ class TextTask(TensorTask):
         context and this is :meth:`decoder_bits`."""
         if self.config.text.mode != "overlap":
             return self.decoder_bits(model, items, codes)
+        previous = [c[-1] if len(c) else None for c in contexts]
+        return self._decoded_bits(model, items, codes, previous)
+
+    def _decoded_bits(self, model: TextVAE, items, codes, previous, batch_size: int = 32):
+        """The decoder's bits per span given its codes, after its ``previous`` span's tokens
+        (None: after BOS alone); spans with and without one are batched apart."""
         model.eval()
         device = next(model.parameters()).device
         bits = np.zeros(len(items))
-        for first in (True, False):
-            rows = [i for i, c in enumerate(contexts) if (len(c) == 0) == first]
-            for start in range(0, len(rows), 32):
-                chosen = rows[start : start + 32]
+        for alone in (True, False):
+            rows = [i for i, p in enumerate(previous) if (p is None) == alone]
+            for start in range(0, len(rows), batch_size):
+                chosen = rows[start : start + batch_size]
                 tokens = torch.as_tensor(np.stack([items[i] for i in chosen])).long().to(device)
                 indices = torch.as_tensor(np.stack([codes[i] for i in chosen])).long()
                 quantized = model.quantizer.codes_to_quantized(indices.to(device))
                 context = None
-                if not first:
-                    previous = np.stack([contexts[i][-1] for i in chosen])
-                    context = torch.as_tensor(previous).long().to(device)
+                if not alone:
+                    before = np.stack([previous[i] for i in chosen])
+                    context = torch.as_tensor(before).long().to(device)
                 logits = model.decode(quantized, tokens, context)
                 bits[chosen] = span_nll_bits(logits, tokens).double().cpu().numpy()
         return bits
 
     @torch.no_grad()
-    def baselines(self, items: list, model=None, batch_size: int = 32) -> dict[str, float]:
+    def baselines(self, items: list, model=None) -> dict[str, float]:
         """On the same spans, bits per span: ``lm_bits``, the frozen LM's own (after BOS, no
         latent, no adapters: the number a latent code has to beat), and the compressors on the
         spans' UTF-8 text (zlib per span, xz over all, order-0 of the bytes). The frozen LM is
         the text VAE's own base when ``model`` is one; a raw prior loads it from ``text.lm``."""
-        text = self.config.text
-        lm_logits, device = self._frozen_lm(model)
-        bits = []
-        for start in range(0, len(items), batch_size):
-            tokens = torch.as_tensor(np.stack(items[start : start + batch_size])).long()
-            tokens = tokens.to(device)
-            bits.append(span_nll_bits(lm_logits(tokens), tokens).double().cpu())
-        tokenizer = load_tokenizer(text.lm)
+        lm_bits = self._lm_bits(items, [[]] * len(items), model)
+        tokenizer = load_tokenizer(self.config.text.lm)
         data = [tokenizer.decode(np.asarray(item).tolist()).encode() for item in items]
         symbols = [np.frombuffer(item, dtype=np.uint8) for item in data]
         # spans are framed by a separator a span never holds: NUL
         values = compressor_baselines(data, symbols, separator=b"\0")
-        return {"lm_bits": float(torch.cat(bits).mean()), **values}
+        return {"lm_bits": lm_bits, **values}
 
     @torch.no_grad()
-    def baselines_in_context(self, items: list, contexts: list, model=None, batch_size: int = 32):
+    def baselines_in_context(self, items: list, contexts: list, model=None):
         """The frozen LM's bits per span after BOS and the text of the spans before it
         (``contexts``): ``lm_bits_in_context``, what a next-span model has to beat, and
         ``lm_bits_after_previous``, after the one span before it (what an overlap decoder
         reads), both over the same spans (a document's first after BOS alone)."""
-        lm_logits, device = self._frozen_lm(model)
-
-        def mean_bits(contexts: list) -> float:
-            groups: dict[int, list[int]] = {}  # spans by their context's length, batched alike
-            for i, context in enumerate(contexts):
-                groups.setdefault(sum(len(c) for c in context), []).append(i)
-            total = 0.0
-            for length, members in groups.items():
-                for start in range(0, len(members), batch_size):
-                    rows = members[start : start + batch_size]
-                    tokens = torch.as_tensor(np.stack([items[i] for i in rows])).long()
-                    context = None
-                    if length:
-                        joined = np.stack([np.concatenate(contexts[i]) for i in rows])
-                        context = torch.as_tensor(joined).long().to(device)
-                    tokens = tokens.to(device)
-                    bits = span_nll_bits(lm_logits(tokens, context=context), tokens)
-                    total += float(bits.sum())
-            return total / max(len(items), 1)
-
         return {
-            "lm_bits_in_context": mean_bits(contexts),
-            "lm_bits_after_previous": mean_bits([list(c[-1:]) for c in contexts]),
+            "lm_bits_in_context": self._lm_bits(items, contexts, model),
+            "lm_bits_after_previous": self._lm_bits(items, [c[-1:] for c in contexts], model),
         }
+
+    @torch.no_grad()
+    def _lm_bits(self, items: list, contexts: list, model=None, batch_size: int = 32) -> float:
+        """The frozen LM's mean bits per span after BOS and the text of its ``contexts``
+        entry (spans, maybe none), spans with contexts of one length batched together."""
+        lm_logits, device = self._frozen_lm(model)
+        groups: dict[int, list[int]] = {}
+        for i, context in enumerate(contexts):
+            groups.setdefault(sum(len(c) for c in context), []).append(i)
+        total = 0.0
+        for length, members in groups.items():
+            for start in range(0, len(members), batch_size):
+                rows = members[start : start + batch_size]
+                tokens = torch.as_tensor(np.stack([items[i] for i in rows])).long().to(device)
+                context = None
+                if length:
+                    joined = np.stack([np.concatenate(contexts[i]) for i in rows])
+                    context = torch.as_tensor(joined).long().to(device)
+                total += float(span_nll_bits(lm_logits(tokens, context=context), tokens).sum())
+        return total / max(len(items), 1)
 
     def _frozen_lm(self, model=None):
         """(logits of a span after BOS and optional context, device) of the frozen LM: the text
-        VAE's own base when ``model`` is one, else loaded from ``text.lm``."""
+        VAE's own base when ``model`` is one, else loaded from ``text.lm`` (once a task)."""
         if model is not None:
             model.eval()
             return model.base_logits, next(model.parameters()).device
-        try:
-            lm = load_causal_lm(self.config.text.lm).eval()
-        except LMError as error:
-            raise TaskError(str(error)) from None
-        bos = lm.config.bos_token_id if lm.config.bos_token_id is not None else 0
-        return functools.partial(logits_after_bos, lm, bos_token_id=bos), torch.device("cpu")
+        if getattr(self, "_raw_lm", None) is None:  # loaded once (15-30 s for SmolLM2)
+            try:
+                lm = load_causal_lm(self.config.text.lm).eval()
+            except LMError as error:
+                raise TaskError(str(error)) from None
+            bos = lm.config.bos_token_id if lm.config.bos_token_id is not None else 0
+            self._raw_lm = functools.partial(logits_after_bos, lm, bos_token_id=bos)
+        return self._raw_lm, torch.device("cpu")
 
     def write_samples(self, samples: list, out: Path) -> list[str]:
         """``samples.jsonl``: each sample (a span, or a document of spans) decoded to text."""
