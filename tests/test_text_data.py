@@ -79,3 +79,20 @@ def test_a_folder_of_txt_and_jsonl_files(tmp_path):
         load_documents(str(tmp_path), "training")
     with pytest.raises(TextError, match="not pydoc, arc or a folder"):
         load_documents(str(tmp_path / "missing"), "training")
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("latin1.txt", "caf\xe9".encode("latin-1"), "latin1.txt is not UTF-8 text .byte 0xe9"),
+        ("bytes.jsonl", b'{"text": "ok"}\n\xff\n', "bytes.jsonl is not UTF-8"),
+        ("number.jsonl", b'{"text": "ok"}\n{"text": 5}\n', "number.jsonl, line 2: 'text' is 5"),
+        ("list.jsonl", b'{"text": ["a"]}\n', "line 1: 'text' is .\"a\"., not a string"),
+        ("array.jsonl", b'["text"]\n', "array.jsonl, line 1: expected a JSON object"),
+    ],
+)
+def test_an_unreadable_file_in_a_folder_is_a_sentence_naming_it(tmp_path, name, content, message):
+    (tmp_path / "fine.txt").write_text("hello world")
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(TextError, match=message):
+        load_documents(str(tmp_path), "training", 0.0)

@@ -171,6 +171,27 @@ def test_a_missing_lm_folder_is_one_sentence(tmp_path):
     assert "config.json" in result.output and not (tmp_path / "x").exists()
 
 
+def test_an_lm_folder_without_its_tokenizer_or_safetensors_is_one_sentence(tiny_lm, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    lm = LlamaForCausalLM.from_pretrained(tiny_lm)
+    half = tmp_path / "no_tokenizer"
+    half.mkdir()
+    (half / "config.json").write_bytes((tiny_lm / "config.json").read_bytes())
+    result = invoke("train", *common(half), f"run_root={tmp_path}", "name=x")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot read its tokenizer from the folder" in result.output
+    # weights only as a pickle: refused (reading one could run code), not loaded
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(lm.state_dict(), pickled / "pytorch_model.bin")
+    for file in [tiny_lm / "config.json", *tiny_lm.glob("tokenizer*")]:
+        (pickled / file.name).write_bytes(file.read_bytes())
+    result = invoke("train", *common(pickled), f"run_root={tmp_path}", "name=y")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot read the LM from the folder" in result.output and "safetensors" in result.output
+
+
 def test_overlap_mode_and_a_gaussian_latent_train_through_the_runner(tiny_lm, tmp_path):
     arguments = [*common(tiny_lm), "text.mode=overlap", "text.latent=gaussian"]
     arguments += ["text.free_bits=0.5", "text.kl_weight=0.1", "trainer.max_steps=2"]

@@ -37,6 +37,16 @@ def _split(documents: list[tuple[str, str]], split: str, val_fraction: float):
     ]
 
 
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise TextError(
+            f"{file} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}); save it as UTF-8 or move it out of the folder"
+        ) from None
+
+
 def _folder_documents(root: Path) -> list[tuple[str, str]]:
     if not root.is_dir():
         raise TextError(
@@ -50,9 +60,9 @@ def _folder_documents(root: Path) -> list[tuple[str, str]]:
     for file in files:
         name = file.relative_to(root).as_posix()
         if file.suffix == ".txt":
-            documents.append((name, file.read_text(encoding="utf-8-sig")))
+            documents.append((name, _read_text(file)))
             continue
-        for number, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines()):
+        for number, line in enumerate(_read_text(file).splitlines()):
             if not line.strip():
                 continue
             try:
@@ -61,7 +71,12 @@ def _folder_documents(root: Path) -> list[tuple[str, str]]:
                 raise TextError(
                     f"{file}, line {number + 1}: expected a JSON object with a 'text' field"
                 ) from None
-            documents.append((f"{name}:{number}", str(text)))
+            if not isinstance(text, str):
+                raise TextError(
+                    f"{file}, line {number + 1}: 'text' is {json.dumps(text)[:40]}, not a "
+                    f"string; give each line's text as a JSON string"
+                )
+            documents.append((f"{name}:{number}", text))
     return documents
 
 

@@ -101,11 +101,15 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     # the GGUF loader draws its own tqdm bar on stderr (not transformers' switchable ones):
     # keep everything it writes but that bar
     written = io.StringIO()
+    # a folder's weights are read from safetensors only: a pickled checkpoint could run code
+    weights = {} if gguf else {"use_safetensors": True}
     try:
         with contextlib.redirect_stderr(written):
             return transformers.AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=gguf, dtype=dtype, local_files_only=True
+                folder, gguf_file=gguf, dtype=dtype, local_files_only=True, **weights
             )
+    except (OSError, ValueError, KeyError) as error:
+        raise LMError(_unreadable(spec, folder, gguf, "the LM", error)) from None
     finally:
         kept = [
             line
@@ -120,7 +124,24 @@ def load_tokenizer(spec: str):
     """The tokenizer of the LM ``spec`` names, from local files only."""
     transformers = _transformers()
     folder, gguf = resolve_lm(spec)
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            folder, gguf_file=gguf, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise LMError(_unreadable(spec, folder, gguf, "its tokenizer", error)) from None
+
+
+def _unreadable(spec: str, folder: str, gguf: str | None, what: str, error: Exception) -> str:
+    """The sentence for an LM whose files transformers cannot read."""
+    reason = " ".join(str(error).split())[:300]
+    if gguf:
+        return f"text.lm {spec!r}: cannot read {what} from {Path(folder) / gguf}: {reason}"
+    return (
+        f"text.lm {spec!r}: cannot read {what} from the folder {folder}: {reason}. The folder "
+        f"needs config.json, the weights as safetensors (model.safetensors) and the tokenizer "
+        f"(tokenizer.json with tokenizer_config.json), as save_pretrained writes them"
+    )
 
 
 class GaussianLatent(nn.Module):
