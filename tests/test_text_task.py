@@ -405,3 +405,34 @@ def test_a_next_span_prior_over_an_overlap_run_decodes_each_span_after_the_one_b
     assert summary["decoder_bits"] == pytest.approx(sum(bits) / len(bits), rel=1e-4)
     refused = invoke("sample", tmp_path / "next", "-n", "1", "--out", tmp_path / "s")
     assert refused.exit_code == 2 and "text.mode=overlap" in refused.output
+
+    # pips generate --text on an overlap run: each span decoded (greedy, KV cache) from its codes
+    # after the given text's previous span; slow reference: argmax, one teacher-forced pass a
+    # token, no cache
+    from pips.models.text_vae import load_tokenizer
+
+    text = "The quick brown fox jumps over the lazy dog, then sleeps."
+    generated = invoke("generate", tmp_path / "vae", "--text", text)
+    assert generated.exit_code == 0, generated.output
+    decoded = [
+        line.split(": ", 1)[1] for line in generated.output.splitlines() if "decoded:" in line
+    ]
+    tokenizer = load_tokenizer(config.text.lm)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    size = config.text.span_tokens
+    pieces = [ids[start : start + size] for start in range(0, len(ids), size)]
+    assert len(decoded) == len(pieces) == 4
+    with torch.no_grad():
+        for j, piece in enumerate(pieces):
+            tokens = torch.tensor([piece])
+            quantized = model.encode(tokens).quantizer.quantized
+            context = torch.tensor([pieces[j - 1]]) if j else None
+            out: list[int] = []
+            for i in range(len(piece)):
+                logits = model.decode(quantized, torch.tensor([[*out, 0]]), context)
+                out.append(int(logits[0, i].argmax()))
+            assert decoded[j] == repr(tokenizer.decode(out))
+    encoded = invoke("encode", tmp_path / "vae", "--out", tmp_path / "codes.npz")
+    assert encoded.exit_code == 0, encoded.output
+    refused = invoke("generate", tmp_path / "vae", "--codes", tmp_path / "codes.npz")
+    assert refused.exit_code == 2 and "text.mode=overlap" in refused.output

@@ -404,18 +404,22 @@ class TextTask(TensorTask):
     @torch.no_grad()
     def generate(self, model, text, temperature=0.0, top_p=1.0, seed=0):
         """``text`` cut into spans of ``text.span_tokens`` tokens (the last may be shorter), each
-        encoded to its codes and decoded back with the KV cache (greedy at temperature 0)."""
-        tokenizer, device, generator = self._generation(model, seed)
+        encoded to its codes and decoded back with the KV cache (greedy at temperature 0). With
+        ``text.mode=overlap`` each span is decoded after the text's previous span, as in
+        training; the first, which has none, after BOS alone (as the prior scores it)."""
+        tokenizer, device, generator = self._generation(model, seed, None)
         ids = token_ids(tokenizer, text)
         if not ids:
             raise TaskError("--text is empty: give some text to encode")
         size = self.config.text.span_tokens
-        pairs = []
+        overlap = self.config.text.mode == "overlap"
+        pairs, context = [], None
         for start in range(0, len(ids), size):
             piece = torch.tensor([ids[start : start + size]], device=device)  # [1, T]
             quantized = model.encode(piece).quantizer.quantized
-            out = model.generate(quantized, piece.shape[1], None, temperature, top_p, generator)
+            out = model.generate(quantized, piece.shape[1], context, temperature, top_p, generator)
             pairs.append((tokenizer.decode(piece[0].tolist()), tokenizer.decode(out[0].tolist())))
+            context = piece if overlap else None
         return pairs
 
     @torch.no_grad()
@@ -423,7 +427,7 @@ class TextTask(TensorTask):
         """Code arrays ``[N]`` (one per span, as ``pips encode`` writes them) -> each span's text,
         decoded with the KV cache."""
         self.require_codes(model)
-        tokenizer, device, generator = self._generation(model, seed)
+        tokenizer, device, generator = self._generation(model, seed, "pips generate --codes")
         out = []
         for number, code in enumerate(codes):
             indices = torch.as_tensor(self.check_codes(model, np.asarray(code), f"span {number}"))
@@ -445,7 +449,7 @@ class TextTask(TensorTask):
             )
         if steps < 2:
             raise TaskError(f"--steps {steps} is too few: give at least 2 (both ends)")
-        tokenizer, device, generator = self._generation(model, seed)
+        tokenizer, device, generator = self._generation(model, seed, "pips generate --interpolate")
         size = self.config.text.span_tokens
         means = []
         for text in (first, second):
@@ -644,9 +648,12 @@ class TextTask(TensorTask):
         self.write_items(samples, {}, path)
         return [str(path)]
 
-    def _generation(self, model, seed):
-        """(tokenizer, device, seeded generator) for decoding; the model in eval mode."""
-        self._spans_alone("pips generate")
+    def _generation(self, model, seed, alone: str | None):
+        """(tokenizer, device, seeded generator) for decoding; the model in eval mode. ``alone``
+        names a way of decoding spans without the text before them (None: with it), which an
+        overlap run refuses."""
+        if alone is not None:
+            self._spans_alone(alone)
         model.eval()
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
