@@ -323,6 +323,31 @@ def test_a_next_span_prior_scores_each_span_after_the_spans_before_it(tiny_lm, t
     evaluated = invoke("evaluate", tmp_path / "next")
     assert evaluated.exit_code == 0, evaluated.output
     assert "12 validation spans after the ones before them" in evaluated.output
+    # the documents' j-th spans are drawn together; greedy, that is what one document at a time
+    # (a batch of 1, a slow reference) draws
+    import numpy as np
+
+    from pips.models.code_tokens import layout_spec
+    from pips.tasks.checkpoints import find_checkpoint, load_model
+    from pips.tasks.prior import SEP_IO, document_row, grid_fields
+
+    loaded = load_model(find_checkpoint(tmp_path / "next"))
+    prior, task = loaded.model.eval(), get_task(loaded.config)
+    data = task.datamodule(layout_spec(prior.layout))
+    generator = torch.Generator().manual_seed(0)
+    drawn = task.sequences.sample_rows(prior, data, 3, generator, batch_size=2, top_k=1)
+    layout, vocab = prior.layout, prior.layout.vocab_size
+    for document in drawn:
+        reference: list = []
+        for _ in range(3):
+            condition = coordinates = None
+            if reference:
+                row = document_row(grid_fields(layout, reference), vocab)
+                condition = torch.as_tensor([*row.tokens, vocab + SEP_IO]).long()
+                coordinates = torch.as_tensor(np.concatenate([row.coordinates, np.zeros((1, 3))]))
+            tokens = prior.sample(1, condition, greedy=True, condition_coordinates=coordinates)
+            reference.append(tokens[0, : int(layout.lengths(tokens)[0])].numpy())
+        assert [r.tolist() for r in document] == [r.tolist() for r in reference]
 
 
 def test_document_windows_and_rows():
@@ -403,8 +428,28 @@ def test_a_next_span_prior_over_an_overlap_run_decodes_each_span_after_the_one_b
                 context = torch.as_tensor(document[j - 1])[None].long() if j else None
                 bits.append(float(span_nll_bits(model.decode(quantized, tokens, context), tokens)))
     assert summary["decoder_bits"] == pytest.approx(sum(bits) / len(bits), rel=1e-4)
-    refused = invoke("sample", tmp_path / "next", "-n", "1", "--out", tmp_path / "s")
-    assert refused.exit_code == 2 and "text.mode=overlap" in refused.output
+    # sampled documents are decoded in order, each span after the span decoded before it
+    sampled = invoke("sample", tmp_path / "next", "-n", "2", "--out", tmp_path / "s")
+    assert sampled.exit_code == 0, sampled.output
+    lines = (tmp_path / "s" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["text"] for line in lines)
+    task = get_task(config)
+    codes = [
+        [model.encode(torch.as_tensor(s)[None].long()).quantizer.indices[0] for s in d]
+        for d in documents[:3]
+    ]
+    chained = task.decode_in_order(model, [[c.numpy() for c in d] for d in codes])
+    with torch.no_grad():  # slow reference: one document, one span, one token at a time
+        for document, decoded in zip(codes, chained, strict=True):
+            before = None
+            for code, span in zip(document, decoded, strict=True):
+                quantized = model.quantizer.codes_to_quantized(code[None])
+                out: list[int] = []
+                for i in range(config.text.span_tokens):
+                    logits = model.decode(quantized, torch.tensor([[*out, 0]]), before)
+                    out.append(int(logits[0, i].argmax()))
+                assert span.tolist() == out
+                before = torch.tensor([out])
 
     # pips generate --text on an overlap run: each span decoded (greedy, KV cache) from its codes
     # after the given text's previous span; slow reference: argmax, one teacher-forced pass a

@@ -161,6 +161,13 @@ class Task:
         reconstructs. Codes that do not fit the model raise :class:`TaskError`."""
         raise NotImplementedError
 
+    def decode_in_order(self, model: torch.nn.Module, sequences: list[list[np.ndarray]]) -> list:
+        """Sequences of items' codes (a sampled document's spans, a task's grids) decoded, each
+        sequence a list of items; here each item alone, as :meth:`decode`. A source whose items
+        are decoded after the ones before them (an overlap text run) decodes in order."""
+        items = iter(self.decode(model, [code for sequence in sequences for code in sequence]))
+        return [[next(items) for _ in sequence] for sequence in sequences]
+
     def require_codes(self, model: torch.nn.Module) -> None:
         """encode / decode need a discrete quantizer."""
         if model.quantizer.codebook_size < 2:

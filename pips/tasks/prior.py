@@ -71,7 +71,8 @@ difference; ``decoder_bits``, ``codelength_bits`` and the baselines are of the s
 the source's ``lm_bits_in_context`` (the frozen LM after the text of the same spans before it)
 and ``lm_bits_after_previous`` (after the one span before it) beside ``lm_bits`` (after BOS
 alone). With a ``text.mode=overlap`` tokenizer the decoder's bits are of each span after the
-previous span's text (``Task.decoder_bits_in_context``).
+previous span's text (``Task.decoder_bits_in_context``), and a sampled document's spans are
+decoded in order, each after the one decoded before it (``Task.decode_in_order``).
 
 The three contexts are three :class:`Sequences` (:class:`ItemSequences`, :class:`TaskSequences`,
 :class:`DocumentSequences`):
@@ -293,6 +294,17 @@ class Tokenizer:
         if self.raw:
             return [self.source.raw_item(c) for c in codes], codes
         return list(self.source.decode(self.model, codes)), codes
+
+    def samples_of(self, layout: CodeLayout, samples: list[list]) -> tuple[list, list]:
+        """Each sample's token rows -> (items, codes), both flat in the samples' order; the
+        source decodes a sample's items in order (:meth:`Task.decode_in_order`: a text span
+        after the one decoded before it, for an overlap tokenizer)."""
+        codes = [self.codes_of(layout, rows) for rows in samples]
+        if self.raw:
+            items = [[self.source.raw_item(c) for c in sample] for sample in codes]
+        else:
+            items = self.source.decode_in_order(self.model, codes)
+        return [i for sample in items for i in sample], [c for sample in codes for c in sample]
 
     def items_or_none(self, layout: CodeLayout, rows: list) -> list:
         """Token rows -> items, None for a row the tokenizer cannot decode."""
@@ -1134,30 +1146,41 @@ class DocumentSequences(TaskSequences):
         self, prior: CodePrior, data: PriorData, count: int, generator, batch_size=64, **drawing
     ):
         """``count`` documents of ``prior.document_spans`` spans, each span drawn after the
-        ones drawn before it (``[BOS, s_1, SEP, ..., s_j, SEP]``)."""
+        ones drawn before it (``[BOS, s_1, SEP, ..., s_j, SEP]``); the documents' ``j``-th spans
+        are drawn together, ``batch_size`` at once (those whose conditions have one length)."""
         layout, vocab = prior.layout, prior.layout.vocab_size
+        device = prior.head.weight.device
         sep = np.array([vocab + SEP_IO])
-        out = []
-        for _ in range(count):
-            rows: list[np.ndarray] = []
-            for _ in range(data.config.prior.document_spans):
-                condition = coordinates = None
+        out: list[list[np.ndarray]] = [[] for _ in range(count)]
+        for _ in range(data.config.prior.document_spans):
+            conditions, groups = [], {}
+            for number, rows in enumerate(out):
+                condition = None
                 if rows:
                     row = document_row(grid_fields(layout, rows), vocab)
-                    condition = torch.as_tensor(np.concatenate([row.tokens, sep])).long()
-                    coordinates = np.concatenate([row.coordinates, np.zeros((1, 3))])
-                    coordinates = torch.as_tensor(coordinates).long()
-                    device = prior.head.weight.device
-                    condition, coordinates = condition.to(device), coordinates.to(device)
-                tokens = prior.sample(
-                    1,
-                    condition,
-                    generator=generator,
-                    condition_coordinates=coordinates,
-                    **drawing,
-                )
-                rows.append(tokens[0, : int(layout.lengths(tokens)[0])].cpu().numpy())
-            out.append(rows)
+                    tokens = np.concatenate([row.tokens, sep])
+                    condition = (tokens, np.concatenate([row.coordinates, np.zeros((1, 3))]))
+                conditions.append(condition)
+                groups.setdefault(0 if condition is None else len(condition[0]), []).append(number)
+            for members in groups.values():
+                for start in range(0, len(members), batch_size):
+                    chosen = members[start : start + batch_size]
+                    condition = coordinates = None
+                    if conditions[chosen[0]] is not None:
+                        condition, coordinates = (
+                            torch.as_tensor(np.stack(part)).long().to(device)
+                            for part in zip(*(conditions[n] for n in chosen), strict=True)
+                        )
+                    tokens = prior.sample(
+                        len(chosen),
+                        condition,
+                        generator=generator,
+                        condition_coordinates=coordinates,
+                        **drawing,
+                    )
+                    lengths = layout.lengths(tokens)
+                    for number, row, n in zip(chosen, tokens, lengths, strict=True):
+                        out[number].append(row[: int(n)].cpu().numpy())
         return out
 
     def join(self, items: list) -> object:
@@ -1448,7 +1471,7 @@ class PriorTask(Task):
         drawing = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         samples = self.sequences.sample_rows(model, data, count, generator, batch_size, **drawing)
         source = data.tokenizer.source
-        items, codes = data.tokenizer.items_of(model.layout, [r for rows in samples for r in rows])
+        items, codes = data.tokenizer.samples_of(model.layout, samples)
         statistics = source.sample_statistics(items, data.train_items, data.val_items)
         if not data.tokenizer.raw:
             statistics.update(source.sample_well_formed(data.tokenizer.model, codes, items))

@@ -402,6 +402,36 @@ class TextTask(TensorTask):
         return model.generate(quantized, self.config.text.span_tokens)
 
     @torch.no_grad()
+    def decode_in_order(self, model: TextVAE, sequences: list, batch_size: int = 32) -> list:
+        """Sequences of span codes (a sampled document's) decoded greedily to span tokens; with
+        ``text.mode=overlap`` each span after the span decoded before it (chained, as a next-span
+        model generates; the first after BOS alone), the sequences' ``j``-th spans batched."""
+        if self.config.text.mode != "overlap":
+            return super().decode_in_order(model, sequences)
+        self.require_codes(model)
+        model.eval()
+        device = next(model.parameters()).device
+        out = [[None] * len(sequence) for sequence in sequences]
+        for j in range(max(map(len, sequences), default=0)):
+            rows = [i for i, sequence in enumerate(sequences) if len(sequence) > j]
+            for start in range(0, len(rows), batch_size):
+                chosen = rows[start : start + batch_size]
+                codes = [
+                    self.check_codes(model, np.asarray(sequences[i][j]), f"sample {i}, span {j}")
+                    for i in chosen
+                ]
+                indices = torch.as_tensor(np.stack(codes)).long().to(device)
+                quantized = model.quantizer.codes_to_quantized(indices)
+                context = None
+                if j:
+                    context = torch.as_tensor(np.stack([out[i][j - 1] for i in chosen]))
+                    context = context.long().to(device)
+                tokens = model.generate(quantized, self.config.text.span_tokens, context)
+                for i, span in zip(chosen, tokens.cpu().numpy(), strict=True):
+                    out[i][j] = span
+        return out
+
+    @torch.no_grad()
     def generate(self, model, text, temperature=0.0, top_p=1.0, seed=0):
         """``text`` cut into spans of ``text.span_tokens`` tokens (the last may be shorter), each
         encoded to its codes and decoded back with the KV cache (greedy at temperature 0). With
