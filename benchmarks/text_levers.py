@@ -30,6 +30,7 @@ OFF = [
     "text.latent_norm=false",
     "text.decoder_warmup=0",
     "text.word_dropout=0",
+    "text.pooling=queries",
 ]
 SETTINGS = {
     "prefix": [],
@@ -53,6 +54,13 @@ SETTINGS = {
         "text.decoder_warmup=1000000",
         "text.word_dropout=0.3",
         "text.bow_weight=1",
+    ],
+    "memory+norm+latent-first+dropout+chunks": [
+        "text.inject=memory",
+        "text.latent_norm=true",
+        "text.decoder_warmup=1000000",
+        "text.word_dropout=0.3",
+        "text.pooling=chunks",
     ],
     "gaussian+memory+free-bits": [
         "text.inject=memory",

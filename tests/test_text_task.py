@@ -165,6 +165,17 @@ def test_checkpointing_with_memory_injection_is_refused_and_with_a_prefix_trains
     assert trained.exit_code == 0, trained.output
 
 
+def test_the_text_vae_preset_trains_with_chunk_pooling(tiny_lm, tmp_path):
+    preset = Path(__file__).resolve().parent.parent / "configs" / "text_vae.yaml"
+    small = [f"text.lm={tiny_lm}", "text.span_tokens=16", "data.max_samples=32"]
+    small += ["data.max_val_samples=8", "data.max_final_val_samples=8", "trainer.max_steps=2"]
+    small += ["trainer.threads=1", "trainer.progress=false", f"run_root={tmp_path}", "name=p"]
+    result = invoke("train", preset, *small)
+    assert result.exit_code == 0, result.output
+    config = (tmp_path / "p" / "config.yaml").read_text()
+    assert "pooling: chunks" in config and "inject: memory" in config
+
+
 def test_a_missing_lm_folder_is_one_sentence(tmp_path):
     result = invoke("train", *common(tmp_path / "no_lm"), f"run_root={tmp_path}", "name=x")
     assert result.exit_code == 2, result.output

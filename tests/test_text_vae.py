@@ -20,6 +20,7 @@ from pips.models.text_vae import (  # noqa: E402
     GaussianLatent,
     LMError,
     TextVAE,
+    chunk_means,
     load_causal_lm,
     load_tokenizer,
     logits_after_bos,
@@ -84,6 +85,34 @@ def test_shapes_of_the_forward_pass_and_of_generation(inject):
     assert vae.base_logits(tokens).shape == (3, 12, 256)
     generated = vae.generate(output.encoded.quantizer.quantized, 7)
     assert generated.shape == (3, 7) and generated.dtype == torch.long
+
+
+def test_chunk_pooling_gives_each_slot_the_mean_of_its_piece_of_the_span():
+    # 12 tokens, 4 slots: slot k is the plain mean of tokens 3k..3k+2
+    weights = chunk_means(4, 12)
+    expected = torch.zeros(4, 12)
+    for k in range(4):
+        expected[k, 3 * k : 3 * k + 3] = 1 / 3
+    torch.testing.assert_close(weights, expected)
+    # 3 tokens, 4 slots: every slot reads the tokens its quarter overlaps (thirds)
+    torch.testing.assert_close(
+        chunk_means(4, 3),
+        torch.tensor([[1, 0, 0], [1 / 3, 2 / 3, 0], [0, 2 / 3, 1 / 3], [0, 0, 1]]),
+    )
+    vae = tiny_vae(pooling="chunks").eval()
+    assert vae.pooling is None
+    tokens = spans()
+    encoded = vae.encode(tokens)
+    states = vae.encoder_in(vae.hidden_states(tokens, True))  # [B, T, width]
+    pooled = torch.stack([states[:, 3 * k : 3 * k + 3].mean(1) for k in range(4)], 1)
+    torch.testing.assert_close(encoded.latents, vae.to_latent(pooled))
+    assert vae.encode(tokens[:, :2]).latents.isfinite().all()  # shorter than the slots
+    loss = vae(tokens).token_logits.logsumexp(-1).mean()
+    loss.backward()
+    assert (
+        vae.lm.get_base_model().model.layers[0].self_attn.q_proj.lora_A["encoder"].weight.grad
+        is not None
+    )
 
 
 @INJECTIONS

@@ -211,6 +211,20 @@ class LatentMemory(nn.Module):
         )
 
 
+def chunk_means(slots: int, length: int, device=None) -> torch.Tensor:
+    """``[slots, length]`` weights averaging a span's ``length`` positions into ``slots`` equal
+    pieces of it: row ``k`` weighs position ``t`` by how much of ``[t, t + 1) / length`` lies in
+    ``[k, k + 1) / slots``, normalised to sum to 1 (so a span shorter than the slots still
+    gives every slot the positions it overlaps)."""
+    k = torch.arange(slots, device=device, dtype=torch.float64)[:, None]
+    t = torch.arange(length, device=device, dtype=torch.float64)[None]
+    overlap = torch.minimum((k + 1) / slots, (t + 1) / length) - torch.maximum(
+        k / slots, t / length
+    )
+    weights = overlap.clamp(min=0)
+    return (weights / weights.sum(1, keepdim=True)).float()
+
+
 @torch.no_grad()
 def kv_rms(lm: nn.Module, length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """The RMS of the LM's own keys and values per layer ``([layers], [layers])`` over a fixed
@@ -246,6 +260,7 @@ class TextVAE(nn.Module):
         inject: str = "prefix",
         latent_norm: bool = False,
         bow: bool = False,
+        pooling: str = "queries",
     ):
         super().__init__()
         from peft import LoraConfig, get_peft_model
@@ -254,6 +269,8 @@ class TextVAE(nn.Module):
             raise ValueError(f"latent must be codes or gaussian; got {latent!r}")
         if inject not in ("prefix", "memory"):
             raise ValueError(f"inject must be prefix or memory; got {inject!r}")
+        if pooling not in ("queries", "chunks"):
+            raise ValueError(f"pooling must be queries or chunks; got {pooling!r}")
         self.config = model
         self.latent = latent
         self.inject = inject
@@ -289,7 +306,9 @@ class TextVAE(nn.Module):
         width = model.width
         self.encoder_in = nn.Linear(hidden, width)
         self.rope = Rope1D(width // model.heads, model.rope_base_col)
-        self.pooling = build_pooling(model)
+        # queries: learned queries attend over the span; chunks: slot k averages the states of
+        # the k-th of num_latents equal pieces of the span (each slot says where it reads)
+        self.pooling = build_pooling(model) if pooling == "queries" else None
         code_dim = quantizer_dim(model.quantizer, width)
         self.to_latent = nn.Linear(width, code_dim)
         # BN-VAE (Zhu et al. 2020): each latent channel standardised over the batch's spans and
@@ -384,7 +403,10 @@ class TextVAE(nn.Module):
         batch, length = tokens.shape
         rope = self.rope(torch.arange(length, device=tokens.device))
         padding = torch.zeros(batch, length, dtype=torch.bool, device=tokens.device)
-        pooled = self.pooling(h, rope, padding)  # [B, N, width]
+        if self.pooling is None:
+            pooled = chunk_means(self.config.num_latents, length, h.device) @ h  # [B, N, width]
+        else:
+            pooled = self.pooling(h, rope, padding)  # [B, N, width]
         latents = self.to_latent(pooled)  # [B, N, D]
         if self.latent_norm is not None:
             latents = self.latent_norm(latents.flatten(0, 1)).view_as(latents)

@@ -120,6 +120,13 @@ class TextConfig:
     gradient_checkpointing: bool = option(
         False, "recompute the base LM's layers in the backward pass (less memory, more time)"
     )
+    pooling: str = option(
+        "queries",
+        "how the encoder's states become model.num_latents slots: queries (learned queries "
+        "attend over the span, model.pooling_layers deep) or chunks (slot k is the mean of the "
+        "k-th of num_latents equal pieces of the span, so each slot describes its own tokens)",
+        ("queries", "chunks"),
+    )
     lora_rank: int = option(16, "LoRA rank of both adapters", min=1)
     lora_alpha: float | None = option(None, "LoRA alpha (None: the rank)", min=0)
 
@@ -337,6 +344,7 @@ class TextTask(TensorTask):
             text.inject,
             text.latent_norm,
             bow=text.bow_weight > 0,
+            pooling=text.pooling,
         )
 
     def lm_dtype(self) -> torch.dtype:
