@@ -401,11 +401,11 @@ class TextVAE(nn.Module):
         states = self.hidden_states(tokens, bidirectional=True)  # [B, T, H] in the LM's dtype
         h = self.encoder_in(states.to(self.encoder_in.weight.dtype))  # [B, T, width]
         batch, length = tokens.shape
-        rope = self.rope(torch.arange(length, device=tokens.device))
         padding = torch.zeros(batch, length, dtype=torch.bool, device=tokens.device)
         if self.pooling is None:
             pooled = chunk_means(self.config.num_latents, length, h.device) @ h  # [B, N, width]
         else:
+            rope = self.rope(torch.arange(length, device=tokens.device))
             pooled = self.pooling(h, rope, padding)  # [B, N, width]
         latents = self.to_latent(pooled)  # [B, N, D]
         if self.latent_norm is not None:
