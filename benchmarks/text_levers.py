@@ -31,6 +31,7 @@ OFF = [
     "text.decoder_warmup=0",
     "text.word_dropout=0",
     "text.pooling=queries",
+    "text.align=none",
 ]
 SETTINGS = {
     "prefix": [],
@@ -62,6 +63,17 @@ SETTINGS = {
         "text.word_dropout=0.3",
         "text.pooling=chunks",
     ],
+    **{
+        f"memory+norm+latent-first+dropout+chunks+align-{where}": [
+            "text.inject=memory",
+            "text.latent_norm=true",
+            "text.decoder_warmup=1000000",
+            "text.word_dropout=0.3",
+            "text.pooling=chunks",
+            f"text.align={where}",
+        ]
+        for where in ("inputs", "outputs", "both")
+    },
     "gaussian+memory+free-bits": [
         "text.inject=memory",
         "text.latent=gaussian",

