@@ -5,6 +5,10 @@ process. Prints the ratio (the issue's target: the VAE step at most 2.5x).
     python benchmarks/text_vae.py                      # SmolLM2-135M, 4 spans of 32 tokens
     python benchmarks/text_vae.py --batch 8 --steps 5 --threads 2
     python benchmarks/text_vae.py --inject prefix         # the latent as prefix embeddings
+    python benchmarks/text_vae.py --pooling queries --align none   # the preset before
+
+The defaults are the preset's layout (configs/text_vae.yaml): memory injection, chunk pooling,
+aligned slots at the inputs and the logits.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pips.config import ModelConfig, QuantizerConfig
-from pips.models.text_vae import TextVAE, load_causal_lm
+from pips.models.text_vae import ALIGNS, TextVAE, load_causal_lm
 
 
 def peak_mb(device: torch.device) -> float:
@@ -47,6 +51,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--inject", default="memory", choices=["prefix", "memory"])
+    parser.add_argument("--pooling", default="chunks", choices=["queries", "chunks"])
+    parser.add_argument("--align", default="both", choices=list(ALIGNS))
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +69,14 @@ def main() -> None:
         quantizer=QuantizerConfig(kind="fsq", levels=[8, 5, 5, 5], dim=4),
     )
     vae = TextVAE(
-        lm, model, lora_rank=arguments.rank, inject=arguments.inject, latent_norm=True
+        lm,
+        model,
+        lora_rank=arguments.rank,
+        inject=arguments.inject,
+        latent_norm=True,
+        pooling=arguments.pooling,
+        align=arguments.align,
+        span_tokens=arguments.span,
     ).to(device)
     if dtype != torch.float32:
         vae.lm.to(dtype)
@@ -98,7 +111,8 @@ def main() -> None:
         f"{arguments.lm} on {device} ({dtype}), {arguments.threads} thread(s): loaded in {load_seconds:.1f} s; {vae.describe_trainable()}"
     )
     print(
-        f"batch {arguments.batch} x {arguments.span} tokens, latent injected as {arguments.inject}, mean of {arguments.steps} steps"
+        f"batch {arguments.batch} x {arguments.span} tokens, latent injected as {arguments.inject}, "
+        f"{arguments.pooling} pooling, aligned slots {arguments.align}, mean of {arguments.steps} steps"
     )
     print(
         f"  LoRA step of the base LM: {plain:.3f} s ({tokens_per_step / plain:.0f} tokens/s), peak {plain_memory:.0f} MB"

@@ -165,7 +165,7 @@ def test_checkpointing_with_memory_injection_is_refused_and_with_a_prefix_trains
     assert trained.exit_code == 0, trained.output
 
 
-def test_the_text_vae_preset_trains_with_chunk_pooling(tiny_lm, tmp_path):
+def test_the_text_vae_preset_trains_with_chunk_pooling_and_aligned_slots(tiny_lm, tmp_path):
     preset = Path(__file__).resolve().parent.parent / "configs" / "text_vae.yaml"
     small = [f"text.lm={tiny_lm}", "text.span_tokens=16", "data.max_samples=32"]
     small += ["data.max_val_samples=8", "data.max_final_val_samples=8", "trainer.max_steps=2"]
@@ -173,7 +173,15 @@ def test_the_text_vae_preset_trains_with_chunk_pooling(tiny_lm, tmp_path):
     result = invoke("train", preset, *small)
     assert result.exit_code == 0, result.output
     config = (tmp_path / "p" / "config.yaml").read_text()
-    assert "pooling: chunks" in config and "inject: memory" in config
+    assert "pooling: chunks" in config and "inject: memory" in config and "align: both" in config
+    state = torch.load(tmp_path / "p" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(key.startswith("model.aligned_outputs.") for key in state["state_dict"])
+    evaluated = invoke("evaluate", tmp_path / "p", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    # 23 bytes of a byte-level tiny LM: a 16-token span, then a 7-token one (its slots spread
+    # over 7 positions, as the encoder pooled them)
+    generated = invoke("generate", tmp_path / "p", "--text", "x" * 20 + "abc")
+    assert generated.exit_code == 0 and generated.output.count("decoded:") == 2, generated.output
 
 
 def test_a_missing_lm_folder_is_one_sentence(tmp_path):
