@@ -124,7 +124,6 @@ def test_aligned_inputs_give_each_position_its_pieces_slot_at_a_learned_scale():
     for t in range(12):
         h = aligned.out(F.gelu(aligned.inp(latents[:, t // 3]) + aligned.position.weight[t]))
         torch.testing.assert_close(out[:, t], F.rms_norm(h, (16,)) * 0.5)
-    torch.testing.assert_close(aligned(latents, 12, first=5), out[:, 5:])
     changed = latents.clone()
     changed[:, 2] += 1.0  # slot 2 holds tokens 6..8 and nothing else
     moved = (aligned(changed, 12) - out).abs().amax((0, 2)) > 0

@@ -218,15 +218,15 @@ class LatentMemory(nn.Module):
 class AlignedSlots(nn.Module):
     """Slot latents ``[B, N, D]`` -> additions ``[B, T, H]`` to the decoder's input embeddings
     (or last hidden states) at the ``T`` positions that predict a span's tokens: position ``t``
-    reads the slot(s) whose
-    piece of the span holds token ``t`` (the pieces of :func:`chunk_means`, weighted by overlap
-    where a span is shorter than the slots), plus a learned embedding of ``t``, through a small
-    MLP. With a ``scale`` (the inputs: a quarter of the RMS of the LM's token embeddings, where
-    random additions cost the frozen SmolLM2 2% of its bits; at their full RMS, 66%) each
-    addition is RMS-normalised and scaled by a learned gain per channel that starts there:
-    without it Adam grows a fresh output layer past the embeddings' scale within ten steps and
-    the LM reads noise. Without one (the outputs, a bias of the logits whose scale the
-    cross-entropy itself sets) the MLP's output layer starts at zero, the LM as it was."""
+    reads the slot(s) whose piece of the span holds token ``t`` (the pieces of
+    :func:`chunk_means`, weighted by overlap where a span is shorter than the slots), plus a
+    learned embedding of ``t``, through a small MLP. With a ``scale`` (the inputs: a quarter of
+    the RMS of the LM's token embeddings, where random additions cost the frozen SmolLM2 2% of
+    its bits; at their full RMS, 66%) each addition is RMS-normalised and scaled by a learned
+    gain per channel that starts there: without it Adam grows a fresh output layer past the
+    embeddings' scale within ten steps and the LM reads noise. Without one (the outputs, a bias
+    of the logits whose scale the cross-entropy itself sets) the MLP's output layer starts at
+    zero, the LM as it was."""
 
     def __init__(self, code_dim: int, hidden: int, max_length: int, scale: float | None = None):
         super().__init__()
@@ -241,18 +241,17 @@ class AlignedSlots(nn.Module):
         else:
             self.gain = nn.Parameter(torch.full((hidden,), float(scale)))
 
-    def forward(self, latents: torch.Tensor, length: int, first: int = 0) -> torch.Tensor:
-        """The additions for token positions ``first .. length - 1`` of a ``length``-token span:
-        ``[B, length - first, H]``."""
+    def forward(self, latents: torch.Tensor, length: int) -> torch.Tensor:
+        """The additions ``[B, length, H]`` for the positions of a ``length``-token span."""
         if length > self.position.num_embeddings:
             raise ValueError(
                 f"a span of {length} tokens is longer than the {self.position.num_embeddings} "
                 f"the aligned slots were built for (text.span_tokens)"
             )
         weights = chunk_means(latents.shape[1], length, latents.device)  # [N, T]
-        weights = (weights / weights.sum(0, keepdim=True))[:, first:]  # each token's slots
-        mixed = weights.t().to(latents.dtype) @ self.inp(latents)  # [B, T', H]
-        positions = torch.arange(first, length, device=latents.device)
+        weights = weights / weights.sum(0, keepdim=True)  # each token's slots
+        mixed = weights.t().to(latents.dtype) @ self.inp(latents)  # [B, T, H]
+        positions = torch.arange(length, device=latents.device)
         h = self.out(nn.functional.gelu(mixed + self.position(positions)))
         if self.gain is None:
             return h
@@ -352,8 +351,8 @@ class TextVAE(nn.Module):
             t for t in (lm.config.pad_token_id, lm.config.eos_token_id, 0) if t is not None
         )
         # prefix embeddings at the scale (RMS) of the LM's token embeddings
-        embeddings = lm.get_input_embeddings().weight
-        self.prefix_rms = float(embeddings.float().pow(2).mean().sqrt()) if prefix_scale else None
+        token_rms = float(lm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+        self.prefix_rms = token_rms if prefix_scale else None
 
         width = model.width
         self.encoder_in = nn.Linear(hidden, width)
@@ -378,7 +377,6 @@ class TextVAE(nn.Module):
         self.slot_embedding = nn.Parameter(torch.randn(model.num_latents, hidden) * 0.02)
         self.aligned_inputs = self.aligned_outputs = None
         if align in ("inputs", "both"):
-            token_rms = float(embeddings.float().pow(2).mean().sqrt())
             self.aligned_inputs = AlignedSlots(code_dim, hidden, span_tokens, token_rms / 4)
         if align in ("outputs", "both"):
             self.aligned_outputs = AlignedSlots(code_dim, hidden, span_tokens)

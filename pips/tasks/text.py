@@ -37,6 +37,7 @@ from pips.data.text import (
 from pips.models.build import build_quantizer, quantizer_dim
 from pips.models.code_tokens import IndexSplit, PooledLayout
 from pips.models.text_vae import (
+    ALIGNS,
     LMError,
     TextVAE,
     load_causal_lm,
@@ -133,7 +134,7 @@ class TextConfig:
         "its piece of the span (the pieces of text.pooling=chunks): added to their input "
         "embeddings (inputs), to the LM's last hidden states before the output head (outputs: "
         "a learned bias of the logits), both, or none",
-        ("none", "inputs", "outputs", "both"),
+        ALIGNS,
     )
     lora_rank: int = option(16, "LoRA rank of both adapters", min=1)
     lora_alpha: float | None = option(None, "LoRA alpha (None: the rank)", min=0)
