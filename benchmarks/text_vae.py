@@ -6,9 +6,17 @@ process. Prints the ratio (the issue's target: the VAE step at most 2.5x).
     python benchmarks/text_vae.py --batch 8 --steps 5 --threads 2
     python benchmarks/text_vae.py --inject prefix         # the latent as prefix embeddings
     python benchmarks/text_vae.py --pooling queries --align none   # the preset before
+    python benchmarks/text_vae.py --find-batch                  # on a GPU: the largest batch
 
 The defaults are the preset's layout (configs/text_vae.yaml): memory injection, chunk pooling,
-aligned slots at the inputs and the logits.
+aligned slots at the inputs and the logits. On a GPU the frozen base is bfloat16 and the adapters
+and heads float32, as in training (``text.lm_dtype=auto``).
+
+``--find-batch`` doubles the batch until a VAE step runs out of memory (or passes
+``--max-batch``), then bisects: it prints the largest batch that fits, its tokens/s and the peak
+memory of one step, and that peak per billion parameters of the base, the journal's question
+(how much memory does this design need per billion parameters). On a CPU running out of memory
+kills the process rather than raising, so there the search stops at ``--max-batch``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,30 @@ def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux)
+
+
+def largest_fitting(fits, limit: int) -> int:
+    """The largest batch n in [1, limit] with ``fits(n)``, for a ``fits`` that is true up to some
+    size and false above it: double from 1 until it fails or passes ``limit``, then bisect
+    between the last size that fit and the first that did not. 0 when not even 1 fits."""
+    good, bad = 0, limit + 1
+    n = 1
+    while n <= limit:
+        if not fits(n):
+            bad = n
+            break
+        good, n = n, n * 2
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
+
+
+def out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def timed(step, steps: int, device: torch.device) -> float:
@@ -53,6 +85,8 @@ def main() -> None:
     parser.add_argument("--inject", default="memory", choices=["prefix", "memory"])
     parser.add_argument("--pooling", default="chunks", choices=["queries", "chunks"])
     parser.add_argument("--align", default="both", choices=list(ALIGNS))
+    parser.add_argument("--find-batch", action="store_true", help="search the largest batch")
+    parser.add_argument("--max-batch", type=int, default=None, help="(default: 4096 GPU, 64 CPU)")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,11 +112,10 @@ def main() -> None:
         align=arguments.align,
         span_tokens=arguments.span,
     ).to(device)
-    if dtype != torch.float32:
-        vae.lm.to(dtype)
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(10, 1000, (arguments.batch, arguments.span), generator=generator)
+    vocab = min(1000, vae.vocab_size)
+    tokens = torch.randint(1, vocab, (arguments.batch, arguments.span), generator=generator)
     tokens = tokens.to(device)
 
     def plain_step():  # the base with the decoder adapter only: next-token loss of the span
@@ -93,7 +126,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    def vae_step():
+    def vae_step(tokens=tokens):
         logits = vae(tokens).token_logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
         optimizer.zero_grad(set_to_none=True)
@@ -123,6 +156,53 @@ def main() -> None:
     print(f"  ratio {step / plain:.2f}x (target: at most 2.5x)")
     if device.type == "cpu":
         print("  (CPU peak memory is the process's peak RSS, so the second includes the first)")
+    if arguments.find_batch:
+        find_batch(vae, vae_step, arguments, device, vocab)
+
+
+def find_batch(vae, vae_step, arguments, device: torch.device, vocab: int) -> None:
+    """The largest batch a VAE step fits in, and what one step of it costs."""
+    limit = arguments.max_batch or (4096 if device.type == "cuda" else 64)
+    generator = torch.Generator().manual_seed(1)
+
+    def batch_of(n: int) -> torch.Tensor:
+        return torch.randint(1, vocab, (n, arguments.span), generator=generator).to(device)
+
+    def fits(n: int) -> bool:
+        try:
+            vae_step(batch_of(n))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ok = True
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not out_of_memory(error):
+                raise
+            ok = False
+        vae.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  batch {n}: {'fits' if ok else 'out of memory'}", flush=True)
+        return ok
+
+    largest = largest_fitting(fits, limit)
+    if largest == 0:
+        print("  not even a batch of 1 fits")
+        return
+    tokens = batch_of(largest)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(lambda: vae_step(tokens), arguments.steps, device)
+    peak = peak_mb(device)
+    base = sum(p.numel() for n, p in vae.lm.named_parameters() if "lora_" not in n)
+    capped = " (the --max-batch cap)" if largest == limit else ""
+    print(
+        f"largest batch that fits: {largest}{capped} x {arguments.span} tokens: {seconds:.3f} s "
+        f"a step, {largest * arguments.span / seconds:.0f} tokens/s, peak {peak:.0f} MB in one "
+        f"step = {peak / 1024 / (base / 1e9):.1f} GiB per billion base parameters "
+        f"({base / 1e6:.1f}M base parameters)"
+    )
+    if device.type == "cpu":
+        print("  (on a CPU that peak is the process's RSS, the interpreter and libraries included)")
 
 
 if __name__ == "__main__":
