@@ -174,7 +174,7 @@ def find_batch(vae, vae_step, arguments, device: torch.device, vocab: int) -> No
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ok = True
-        except (torch.OutOfMemoryError, RuntimeError) as error:
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
             if not out_of_memory(error):
                 raise
             ok = False

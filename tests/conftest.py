@@ -7,6 +7,7 @@ run folder (resume) work on a copy.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -93,6 +94,20 @@ def task_folder(tmp_path_factory) -> Path:
     for task_id in sorted(tasks)[:24]:
         (folder / f"{task_id}.json").write_text(json.dumps(tasks[task_id]))
     return folder
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("dropin")`` imports ``benchmarks/dropin.py`` (the benchmarks are scripts,
+    not a package) so tests can call its functions."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

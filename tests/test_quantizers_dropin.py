@@ -16,13 +16,9 @@ The thresholds leave room for other seeds and platforms, and sit far from a coll
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-DROPIN = Path(__file__).resolve().parent.parent / "benchmarks" / "dropin.py"
 THRESHOLDS = {  # kind: (least share of codes used, largest validation L1)
     "vq": (0.75, 0.11),
     "rvq": (0.75, 0.095),
@@ -33,11 +29,8 @@ THRESHOLDS = {  # kind: (least share of codes used, largest validation L1)
 
 
 @pytest.fixture(scope="module")
-def dropin():
-    spec = importlib.util.spec_from_file_location("dropin", DROPIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def dropin(load_benchmark):
+    return load_benchmark("dropin")
 
 
 SLOW = ("gvq", "simvq", "product_vq")  # ~4 s each on a free core; run with -m slow

@@ -4,9 +4,7 @@ script over a tiny Llama folder on the CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,15 +13,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "text_vae.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("text_vae_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("text_vae")
 
 
 @pytest.mark.parametrize("limit", [1, 2, 7, 64, 100])
